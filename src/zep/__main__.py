@@ -1,0 +1,3 @@
+from zep.cli import main
+
+raise SystemExit(main())

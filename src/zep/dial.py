@@ -1,0 +1,159 @@
+"""Dialers: turn (host, port) into a connected upstream socket, or a typed failure.
+
+A dialer knows nothing of clients or protocols. It returns an `Upstream` (a connected,
+non-blocking socket plus the route label the access log shows), returns None when the
+destination is not one it serves, or raises `DialError` carrying both the SOCKS5 reply
+code and the HTTP status the failure maps to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Failure(enum.Enum):
+    """Why a dial failed: (SOCKS5 reply code, HTTP status)."""
+
+    GENERAL = (0x01, 502)
+    NOT_ALLOWED = (0x02, 403)
+    NETWORK_UNREACHABLE = (0x03, 502)
+    HOST_UNREACHABLE = (0x04, 502)
+    REFUSED = (0x05, 502)
+    TIMEOUT = (0x06, 504)
+
+    def __init__(self, socks_reply: int, http_status: int) -> None:
+        self.socks_reply = socks_reply
+        self.http_status = http_status
+
+
+class DialError(Exception):
+    def __init__(self, failure: Failure, detail: str) -> None:
+        super().__init__(detail)
+        self.failure = failure
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Upstream:
+    sock: socket.socket  # connected and non-blocking; whoever receives it owns it
+    route: str  # "direct" or "ziti:<service>"
+
+
+class Dialer(Protocol):
+    async def dial(self, host: str, port: int, timeout: float) -> Upstream | None:
+        """Connect to (host, port); None when this dialer has no route there."""
+        ...
+
+
+_ERRNO_FAILURES = {
+    errno.ECONNREFUSED: Failure.REFUSED,
+    errno.ENETUNREACH: Failure.NETWORK_UNREACHABLE,
+    errno.EHOSTUNREACH: Failure.HOST_UNREACHABLE,
+    errno.EHOSTDOWN: Failure.HOST_UNREACHABLE,
+    errno.EADDRNOTAVAIL: Failure.HOST_UNREACHABLE,
+    errno.ETIMEDOUT: Failure.TIMEOUT,
+}
+
+
+def failure_for_os_error(exc: OSError) -> Failure:
+    return _ERRNO_FAILURES.get(exc.errno or 0, Failure.GENERAL)
+
+
+class DirectDialer:
+    """Dials the destination itself: async DNS through the loop, happy eyeballs (RFC 8305)."""
+
+    HAPPY_EYEBALLS_DELAY = 0.25
+
+    async def dial(self, host: str, port: int, timeout: float) -> Upstream:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                sock = await _connect_happy_eyeballs(infos, self.HAPPY_EYEBALLS_DELAY)
+        except TimeoutError:
+            raise DialError(Failure.TIMEOUT, f"connect to {host}:{port} timed out after {timeout:g}s") from None
+        except socket.gaierror as exc:
+            raise DialError(Failure.HOST_UNREACHABLE, f"cannot resolve {host}: {exc.strerror}") from None
+        except OSError as exc:
+            raise DialError(failure_for_os_error(exc), f"connect to {host}:{port} failed: {exc.strerror or exc}") from None
+        return Upstream(sock, "direct")
+
+
+async def _connect_happy_eyeballs(infos: list, delay: float) -> socket.socket:
+    """Try addresses interleaved by family, starting the next one `delay` seconds after the last."""
+    loop = asyncio.get_running_loop()
+    addresses = _interleave_families(infos)
+    errors: list[OSError] = []
+    winner: socket.socket | None = None
+    pending: set[asyncio.Task[socket.socket]] = set()
+
+    async def attempt(family: int, address: tuple) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    try:
+        for family, address in addresses:
+            pending.add(asyncio.ensure_future(attempt(family, address)))
+            done, _ = await asyncio.wait(pending, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            winner = _take_winner(done, pending, errors)
+            if winner:
+                return winner
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            winner = _take_winner(done, pending, errors)
+            if winner:
+                return winner
+    finally:
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            try:
+                (await task).close()
+            except BaseException:
+                pass
+    if len(errors) == 1 or len({e.errno for e in errors}) == 1:
+        raise errors[0]
+    raise OSError(errors[-1].errno, "; ".join(str(e) for e in errors))
+
+
+def _take_winner(done: set, pending: set, errors: list[OSError]) -> socket.socket | None:
+    winner = None
+    for task in done:
+        pending.discard(task)
+        exc = task.exception()
+        if exc is None and winner is None:
+            winner = task.result()
+        elif exc is None:
+            task.result().close()
+        elif isinstance(exc, OSError):
+            errors.append(exc)
+        else:
+            raise exc
+    return winner
+
+
+def _interleave_families(infos: list) -> list[tuple[int, tuple]]:
+    """Alternate address families, keeping the resolver's order within each (RFC 8305 section 4)."""
+    by_family: dict[int, list[tuple]] = {}
+    for family, _type, _proto, _name, address in infos:
+        entries = by_family.setdefault(family, [])
+        if address not in entries:
+            entries.append(address)
+    queues = list(by_family.items())
+    ordered: list[tuple[int, tuple]] = []
+    while any(addrs for _, addrs in queues):
+        for family, addrs in queues:
+            if addrs:
+                ordered.append((family, addrs.pop(0)))
+    return ordered
