@@ -1,0 +1,157 @@
+"""Command line: `zep serve` runs the proxy, `zep version` says what is running and which relay."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import zep
+from zep.auth import Credentials
+from zep.config import ENVIRONMENT, FALLBACK_POLICIES, FLAGS, LOG_LEVELS, ConfigError, Settings, load_settings
+from zep.dial import Dialer, DirectDialer
+from zep.routing import Router
+
+log = logging.getLogger("zep")
+
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zep", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("version", help="print the version and the active relay")
+    serve = commands.add_parser("serve", help="run the SOCKS5 and HTTP proxy",
+                                description="Flags win over environment variables (see README).")
+    flag = FLAGS
+    serve.add_argument(flag["proxy_host"], dest="proxy_host", metavar="ADDRESS", help="listen address (PROXY_HOST)")
+    serve.add_argument(flag["socks_port"], dest="socks_port", type=int, metavar="PORT", help="SOCKS5 port, 0 for any (SOCKS_PORT)")
+    serve.add_argument(flag["http_port"], dest="http_port", type=int, metavar="PORT", help="HTTP proxy port, 0 for any (HTTP_PORT)")
+    serve.add_argument("--socks", dest="socks_enabled", action=argparse.BooleanOptionalAction, help="serve SOCKS5 (SOCKS_ENABLED)")
+    serve.add_argument("--http", dest="http_enabled", action=argparse.BooleanOptionalAction, help="serve the HTTP proxy (HTTP_ENABLED)")
+    serve.add_argument(flag["username"], dest="username", help="proxy user name (PROXY_USERNAME; empty: no authentication)")
+    serve.add_argument(flag["password"], dest="password", help="proxy password (PROXY_PASSWORD)")
+    serve.add_argument(flag["ziti_identities"], dest="ziti_identities", action="append", metavar="PATH",
+                       help="Ziti identity file or glob; repeatable (ZITI_IDENTITIES)")
+    serve.add_argument(flag["fallback"], dest="fallback", choices=FALLBACK_POLICIES,
+                       help="destinations no Ziti service intercepts: dial directly or deny (ZEP_FALLBACK)")
+    serve.add_argument(flag["direct"], dest="direct", action="store_true", default=None,
+                       help="serve without a Ziti identity, dialing every destination directly (ZEP_DIRECT)")
+    serve.add_argument(flag["allow_remote"], dest="allow_remote", action="store_true", default=None,
+                       help="allow a non-loopback listen address with default or no credentials (ZEP_ALLOW_REMOTE)")
+    for name in ("handshake_timeout", "connect_timeout", "idle_timeout", "ziti_load_timeout"):
+        serve.add_argument(flag[name], dest=name, type=float, metavar="SECONDS", help=f"({ENVIRONMENT[name]})")
+    serve.add_argument(flag["max_connections"], dest="max_connections", type=int, metavar="N",
+                       help="most concurrent client connections (ZEP_MAXCONN)")
+    serve.add_argument(flag["max_head_bytes"], dest="max_head_bytes", type=int, metavar="BYTES",
+                       help="largest HTTP request head (ZEP_MAX_HEAD_BYTES)")
+    serve.add_argument(flag["ziti_service_suffix"], dest="ziti_service_suffix", metavar="SUFFIX",
+                       help="host suffix that names a Ziti service directly (ZEP_ZITI_SERVICE_SUFFIX)")
+    serve.add_argument(flag["log_level"], dest="log_level", choices=LOG_LEVELS, help="(ZEP_LOG_LEVEL)")
+    serve.add_argument(flag["ready_file"], dest="ready_file", metavar="PATH",
+                       help="write the listening addresses here as JSON once ready (ZEP_READY_FILE)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        return print_version()
+    flags = {key: value for key, value in vars(args).items() if key != "command"}
+    try:
+        settings = load_settings(os.environ, flags)
+    except ConfigError as exc:
+        print(f"zep: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level)
+    return serve(settings)
+
+
+def print_version() -> int:
+    from zep import relay
+
+    print(f"zep {zep.__version__} (ziti-edge-proxy)")
+    print(f"relay: {relay.IMPLEMENTATION} ({relay.WHY})")
+    return 0
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve(settings: Settings) -> int:
+    import uvloop
+
+    dialers: list[Dialer] = []
+    ziti_runtime = None
+    if settings.ziti_configured:
+        from zep import ziti
+
+        try:
+            ziti_runtime = ziti.start(settings)
+        except ziti.ZitiSetupError as exc:
+            print(f"zep: error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        dialers.append(ziti_runtime)
+    fallback = DirectDialer() if settings.direct or settings.fallback == "direct" else None
+    router = Router(dialers, fallback, settings.connect_timeout)
+    try:
+        return uvloop.run(_serve(settings, router))
+    except OSError as exc:
+        print(f"zep: error: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        if ziti_runtime is not None:
+            ziti_runtime.close()
+
+
+async def _serve(settings: Settings, router: Router) -> int:
+    from zep import relay
+    from zep.http_session import OVERLOADED, serve_http
+    from zep.server import Context, ProxyServer, format_address
+    from zep.socks_session import serve_socks5
+
+    credentials = Credentials(settings.username, settings.password) if settings.auth_required else None
+    server = ProxyServer(Context(settings, router, relay.relay, credentials))
+    ready: dict[str, str] = {}
+    if settings.socks_enabled:
+        ready["socks5"] = format_address(server.listen("socks5", settings.socks_port, serve_socks5).address)
+    if settings.http_enabled:
+        ready["http"] = format_address(server.listen("http", settings.http_port, serve_http, OVERLOADED).address)
+
+    log.info("zep %s ready: relay=%s, routes: %s, authentication %s", zep.__version__, relay.IMPLEMENTATION,
+             _describe_routes(router), "required" if credentials else "off")
+    if settings.ready_file:
+        _write_ready_file(settings.ready_file, ready)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("stopping: no new connections; closing %d open ones", server.open_connections)
+    await server.shutdown()
+    return 0
+
+
+def _describe_routes(router: Router) -> str:
+    if not router.dialers:
+        return "every destination is dialed directly (--direct)"
+    fallback = "direct" if router.fallback is not None else "deny"
+    return f"Ziti services first, anything else: {fallback}"
+
+
+def _write_ready_file(path: str, ready: dict[str, str]) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as out:
+        json.dump({"pid": os.getpid(), **ready}, out)
+    os.replace(temporary, path)

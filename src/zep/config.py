@@ -1,0 +1,207 @@
+"""Settings: one frozen value built from the environment and the command line, validated here.
+
+Precedence: command-line flag, then `ZEP_*` / the original ziti-edge-proxy variables, then defaults.
+Every problem is a `ConfigError` whose message names the variable or flag at fault.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DEFAULT_USERNAME = "user"
+DEFAULT_PASSWORD = "password"
+FALLBACK_POLICIES = ("direct", "deny")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """Bad configuration: the CLI prints the message on one line and exits with code 2."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    proxy_host: str = "127.0.0.1"
+    socks_enabled: bool = True
+    http_enabled: bool = True
+    socks_port: int = 1080
+    http_port: int = 8080
+    username: str = DEFAULT_USERNAME
+    password: str = DEFAULT_PASSWORD
+    ziti_identities: tuple[str, ...] = ()
+    ziti_identity: str | None = field(default=None, repr=False)
+    fallback: str = "direct"
+    direct: bool = False
+    allow_remote: bool = False
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    idle_timeout: float = 600.0
+    max_connections: int = 1024
+    max_head_bytes: int = 65536
+    ziti_load_timeout: float = 30.0
+    ziti_service_suffix: str = ".ziti"
+    log_level: str = "info"
+    ready_file: str | None = None
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.username and self.password)
+
+    @property
+    def ziti_configured(self) -> bool:
+        return bool(self.ziti_identities or self.ziti_identity)
+
+
+# Setting name -> environment variable, for the values that come from the environment.
+ENVIRONMENT = {
+    "proxy_host": "PROXY_HOST",
+    "socks_enabled": "SOCKS_ENABLED",
+    "http_enabled": "HTTP_ENABLED",
+    "socks_port": "SOCKS_PORT",
+    "http_port": "HTTP_PORT",
+    "username": "PROXY_USERNAME",
+    "password": "PROXY_PASSWORD",
+    "ziti_identities": "ZITI_IDENTITIES",
+    "ziti_identity": "ZITI_IDENTITY",
+    "fallback": "ZEP_FALLBACK",
+    "direct": "ZEP_DIRECT",
+    "allow_remote": "ZEP_ALLOW_REMOTE",
+    "handshake_timeout": "ZEP_TIMEOUT_HANDSHAKE",
+    "connect_timeout": "ZEP_TIMEOUT_CONNECT",
+    "idle_timeout": "ZEP_TIMEOUT_TUNNEL",
+    "max_connections": "ZEP_MAXCONN",
+    "max_head_bytes": "ZEP_MAX_HEAD_BYTES",
+    "ziti_load_timeout": "ZEP_ZITI_LOAD_TIMEOUT",
+    "ziti_service_suffix": "ZEP_ZITI_SERVICE_SUFFIX",
+    "log_level": "ZEP_LOG_LEVEL",
+    "ready_file": "ZEP_READY_FILE",
+}
+
+# Setting name -> command-line flag, used to name the culprit in error messages.
+FLAGS = {name: "--" + name.replace("_", "-") for name in ENVIRONMENT}
+FLAGS.update(
+    proxy_host="--host",
+    username="--username",
+    password="--password",
+    ziti_identities="--identity",
+    idle_timeout="--tunnel-timeout",
+    max_connections="--maxconn",
+)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def load_settings(environ: Mapping[str, str], flags: Mapping[str, Any]) -> Settings:
+    """Build Settings from environment variables and parsed flags (None means: flag not given)."""
+    defaults = Settings()
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        flag_value = flags.get(f.name)
+        if flag_value is not None:
+            values[f.name] = _from_flag(f.name, flag_value)
+        elif f.name in ENVIRONMENT and ENVIRONMENT[f.name] in environ:
+            values[f.name] = _from_text(f.name, environ[ENVIRONMENT[f.name]], ENVIRONMENT[f.name])
+        else:
+            values[f.name] = getattr(defaults, f.name)
+    settings = Settings(**values)
+    _validate(settings, environ, flags)
+    return settings
+
+
+def _from_flag(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        return _from_text(name, value, FLAGS[name])
+    if name == "ziti_identities":
+        return _identity_entries(";".join(value))
+    return value
+
+
+def _from_text(name: str, text: str, source: str) -> Any:
+    kind = type(getattr(Settings(), name))
+    if name == "ziti_identities":
+        return _identity_entries(text)
+    if name in ("ziti_identity", "ready_file"):
+        return text.strip() or None
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"{source} must be true or false, not {text!r}")
+    if kind is int:
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise ConfigError(f"{source} must be a whole number, not {text!r}") from None
+    if kind is float:
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise ConfigError(f"{source} must be a number of seconds, not {text!r}") from None
+    return text.strip() if name not in ("username", "password") else text
+
+
+def _identity_entries(text: str) -> tuple[str, ...]:
+    return tuple(entry.strip() for entry in text.split(";") if entry.strip())
+
+
+def _source(name: str, environ: Mapping[str, str], flags: Mapping[str, Any]) -> str:
+    if flags.get(name) is not None:
+        return FLAGS[name]
+    return ENVIRONMENT.get(name, FLAGS[name])
+
+
+def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any]) -> None:
+    def where(name: str) -> str:
+        return _source(name, environ, flags)
+
+    for name in ("socks_port", "http_port"):
+        port = getattr(s, name)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{where(name)} must be a port from 0 to 65535, not {port}")
+    if not (s.socks_enabled or s.http_enabled):
+        raise ConfigError("SOCKS_ENABLED and HTTP_ENABLED are both false: nothing to serve")
+    if s.socks_enabled and s.http_enabled and s.socks_port == s.http_port != 0:
+        raise ConfigError(f"{where('socks_port')} and {where('http_port')} are both {s.socks_port}")
+    if s.ziti_identities and s.ziti_identity:
+        raise ConfigError("ZITI_IDENTITY and ZITI_IDENTITIES are both set: use one")
+    if s.fallback not in FALLBACK_POLICIES:
+        raise ConfigError(f"{where('fallback')} must be direct or deny, not {s.fallback!r}")
+    if s.log_level not in LOG_LEVELS:
+        raise ConfigError(f"{where('log_level')} must be one of {', '.join(LOG_LEVELS)}, not {s.log_level!r}")
+    for name in ("handshake_timeout", "connect_timeout", "idle_timeout", "ziti_load_timeout"):
+        if not getattr(s, name) > 0:
+            raise ConfigError(f"{where(name)} must be more than 0 seconds")
+    if s.max_connections < 1:
+        raise ConfigError(f"{where('max_connections')} must be at least 1")
+    if s.max_head_bytes < 1024:
+        raise ConfigError(f"{where('max_head_bytes')} must be at least 1024")
+    if bool(s.username) != bool(s.password):
+        raise ConfigError("PROXY_USERNAME and PROXY_PASSWORD must be set together (or both empty for no authentication)")
+    if not s.ziti_configured and not s.direct:
+        raise ConfigError(
+            "no Ziti identity configured (ZITI_IDENTITIES or ZITI_IDENTITY): "
+            "pass --direct to dial every destination directly"
+        )
+    if not _is_loopback(s.proxy_host) and not s.allow_remote:
+        weak = "no authentication" if not s.auth_required else (
+            "the default credentials" if (s.username, s.password) == (DEFAULT_USERNAME, DEFAULT_PASSWORD) else ""
+        )
+        if weak:
+            raise ConfigError(
+                f"{where('proxy_host')}={s.proxy_host} is reachable from other machines and zep would accept "
+                f"{weak}: set PROXY_USERNAME/PROXY_PASSWORD, or pass --allow-remote if you mean it"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,256 @@
+"""An HTTP proxy client connection: CONNECT tunnels and absolute-form forwarding with keep-alive.
+
+Every request on a kept-alive connection is routed on its own: the upstream connection is
+reused only while requests keep going to the same host and port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from zep import httpproxy
+from zep.accesslog import dial_outcome
+from zep.auth import parse_basic
+from zep.dial import DialError, Upstream
+from zep.httpproxy import BadMessage, BodyChunk, MessageEnd, RequestHead, ResponseHead
+from zep.server import Session, format_address
+
+log = logging.getLogger("zep.http")
+
+PROXY_AUTHENTICATE = ("Proxy-Authenticate", 'Basic realm="zep"')
+CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+# What a connection over the limit is told (see ProxyServer.listen).
+OVERLOADED = httpproxy.error_response(503, body="zep: too many connections, try again later\n")
+
+Event = TypeVar("Event")
+
+
+class EventStream(Generic[Event]):
+    """Events out of a sans-IO reader that is fed from a socket as they are needed."""
+
+    def __init__(self, sock: socket.socket, feed: Callable[[bytes], list[Event]],
+                 feed_eof: Callable[[], list[Event]] | None = None) -> None:
+        self.sock = sock
+        self._feed = feed
+        self._feed_eof = feed_eof
+        self._pending: deque[Event] = deque()
+        self._eof = False
+        self.bytes_read = 0
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    async def next(self) -> Event | None:
+        """The next event; None once the peer has closed and nothing is left."""
+        loop = asyncio.get_running_loop()
+        while not self._pending:
+            if self._eof:
+                return None
+            data = await loop.sock_recv(self.sock, 65536)
+            if data:
+                self.bytes_read += len(data)
+                self._pending.extend(self._feed(data))
+            else:
+                self._eof = True
+                if self._feed_eof is not None:
+                    self._pending.extend(self._feed_eof())
+        return self._pending.popleft()
+
+
+class UpstreamPool:
+    """The one upstream connection a client connection holds, keyed by (host, port)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.current: Upstream | None = None
+        self.key: tuple[str, int] | None = None
+
+    async def get(self, host: str, port: int) -> Upstream:
+        if self.current is not None and self.key == (host, port):
+            return self.current
+        self.drop()
+        self.current = await self.session.ctx.router.connect(host, port)
+        self.key = (host, port)
+        return self.current
+
+    def drop(self) -> None:
+        if self.current is not None:
+            self.current.sock.close()
+        self.current = None
+        self.key = None
+
+
+async def serve_http(session: Session) -> None:
+    settings = session.ctx.settings
+    reader = httpproxy.RequestReader(settings.max_head_bytes)
+    requests: EventStream[object] = EventStream(session.sock, reader.feed)
+    upstreams = UpstreamPool(session)
+    record = session.record
+    wait = settings.handshake_timeout
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(wait):
+                    event = await requests.next()
+            except TimeoutError:
+                if record.target == "-":
+                    record.detail = f"no complete request within {wait:g} s"
+                return
+            if event is None:
+                if record.target == "-":
+                    record.detail = "client closed before sending a request"
+                return
+            if isinstance(event, BadMessage):
+                await _refuse(session, event.status, event.reason, "bad-request")
+                return
+            assert isinstance(event, RequestHead), event
+            if not await _authorized(session, event):
+                return
+            record.target = format_address((event.host, event.port))
+            if event.method == "CONNECT":
+                upstreams.drop()
+                await _tunnel(session, event, reader.take_leftover())
+                return
+            if not await _forward(session, event, requests, upstreams):
+                return
+            record.outcome = "ok"
+            wait = settings.idle_timeout
+    finally:
+        upstreams.drop()
+
+
+async def _authorized(session: Session, head: RequestHead) -> bool:
+    credentials = session.ctx.credentials
+    if credentials is None:
+        return True
+    given = parse_basic(head.proxy_authorization)
+    if given is not None and credentials.matches(*given):
+        session.record.user = given[0]
+        return True
+    reason = "no proxy credentials" if given is None else f"wrong proxy credentials for user {given[0]!r}"
+    await _refuse(session, 407, reason, "auth-failed", headers=[PROXY_AUTHENTICATE])
+    return False
+
+
+async def _refuse(session: Session, status: int, reason: str, outcome: str,
+                  headers: list[tuple[str, str]] | None = None) -> None:
+    session.record.outcome = outcome
+    session.record.detail = reason
+    await session.send(httpproxy.error_response(status, headers=headers or (), body=f"zep: {reason}\n"))
+
+
+async def _dial(session: Session, host: str, port: int, dial: Callable) -> Upstream | None:
+    """Dial through `dial`; on failure answer the client with the mapped status and return None."""
+    try:
+        upstream = await dial(host, port)
+    except DialError as exc:
+        outcome = dial_outcome(exc.failure)
+        if outcome == "denied":
+            session.record.route = "deny"
+        await _refuse(session, exc.failure.http_status, exc.detail, outcome)
+        return None
+    session.record.route = upstream.route
+    return upstream
+
+
+async def _tunnel(session: Session, head: RequestHead, early: bytes) -> None:
+    upstream = await _dial(session, head.host, head.port, session.ctx.router.connect)
+    if upstream is None:
+        return
+    try:
+        await session.send(CONNECT_ESTABLISHED)
+    except BaseException:
+        upstream.sock.close()
+        raise
+    await session.relay(upstream.sock, upstream.route, to_upstream=early)
+
+
+async def _forward(session: Session, head: RequestHead, requests: EventStream, upstreams: UpstreamPool) -> bool:
+    """Forward one request and its response; True when the client connection stays open."""
+    loop = asyncio.get_running_loop()
+    record = session.record
+    upstream = await _dial(session, head.host, head.port, upstreams.get)
+    if upstream is None:
+        return False
+
+    async def to_upstream(data: bytes) -> None:
+        await loop.sock_sendall(upstream.sock, data)
+        record.up += len(data)
+
+    try:
+        await to_upstream(head.serialize())
+        while True:
+            event = await requests.next()
+            if event is None:
+                record.detail = "client closed in the middle of a request body"
+                upstreams.drop()
+                return False
+            if isinstance(event, BadMessage):
+                upstreams.drop()
+                await _refuse(session, event.status, event.reason, "bad-request")
+                return False
+            if isinstance(event, BodyChunk):
+                await to_upstream(httpproxy.encode_body(event.data, head.chunked))
+            elif isinstance(event, MessageEnd):
+                await to_upstream(httpproxy.end_of_body(head.chunked))
+                break
+    except OSError as exc:
+        upstreams.drop()
+        await _refuse(session, 502, f"upstream {record.target} failed while sending the request: {exc}", "upstream-error")
+        return False
+    return await _relay_response(session, head, upstreams)
+
+
+async def _relay_response(session: Session, head: RequestHead, upstreams: UpstreamPool) -> bool:
+    """Copy the upstream's response to the client; True when both may keep their connections."""
+    assert upstreams.current is not None
+    record = session.record
+    reader = httpproxy.ResponseReader(head.method)
+    responses: EventStream[object] = EventStream(upstreams.current.sock, reader.feed, reader.feed_eof)
+    final: ResponseHead | None = None
+    keep_alive = False
+    try:
+        while True:
+            event = await responses.next()
+            if event is None or isinstance(event, BadMessage):
+                reason = event.reason if isinstance(event, BadMessage) else "upstream closed before a complete response"
+                upstreams.drop()
+                if final is None:
+                    await _refuse(session, 502, reason, "upstream-error")
+                else:
+                    record.outcome = "upstream-error"
+                    record.detail = reason
+                return False
+            if isinstance(event, ResponseHead):
+                if event.status >= 200:
+                    final = event
+                    keep_alive = head.keep_alive and httpproxy.framed(event)
+                data = event.serialize(keep_alive=keep_alive if final is event else True)
+            elif isinstance(event, BodyChunk):
+                assert final is not None
+                data = httpproxy.encode_body(event.data, final.chunked)
+            else:
+                if final is None:
+                    continue  # the end of an interim (1xx) response
+                data = httpproxy.end_of_body(final.chunked)
+            await session.send(data)
+            record.down += len(data)
+            if isinstance(event, MessageEnd):
+                break
+    except OSError as exc:
+        upstreams.drop()
+        if final is None:
+            await _refuse(session, 502, f"upstream {record.target} failed: {exc}", "upstream-error")
+        else:
+            record.outcome = "upstream-error"
+            record.detail = str(exc)
+        return False
+    if not final.keep_alive or responses.has_pending:
+        upstreams.drop()
+    return keep_alive

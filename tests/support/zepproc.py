@@ -1,0 +1,110 @@
+"""Run a real `zep serve` in a subprocess on ports chosen by the OS, and read its log."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+READY_TIMEOUT = 30.0
+
+
+@dataclass
+class ZepProcess:
+    proc: subprocess.Popen
+    log_path: Path
+    socks_port: int | None
+    http_port: int | None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def access_lines(self) -> list[str]:
+        return [line for line in self.log_text().splitlines() if " zep.access: " in line]
+
+    def wait_for_log(self, needle: str, timeout: float = 10.0) -> str:
+        """Wait until a log line contains `needle` (access lines are written when a connection ends)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log_text().splitlines():
+                if needle in line:
+                    return line
+            time.sleep(0.02)
+        raise AssertionError(f"no log line with {needle!r} within {timeout} s; log:\n{self.log_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def zep_env(env: Mapping[str, str] | None = None, relay: str | None = None,
+            extra_pythonpath: Sequence[str] = ()) -> dict[str, str]:
+    """The environment a zep subprocess runs with: no proxy variables leak in, no auth unless asked."""
+    base = {k: v for k, v in os.environ.items()
+            if k.upper() not in {"ALL_PROXY", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ZITI_IDENTITIES", "ZITI_IDENTITY"}
+            and not k.startswith(("PROXY_", "ZEP_", "SOCKS_", "HTTP_"))}
+    base.update(PROXY_USERNAME="", PROXY_PASSWORD="")
+    if relay == "python":
+        base["ZEP_NO_EXTENSIONS"] = "1"
+    if extra_pythonpath:
+        base["PYTHONPATH"] = os.pathsep.join([*extra_pythonpath, base.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    base.update(env or {})
+    return base
+
+
+@contextlib.contextmanager
+def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | None = None,
+              extra_pythonpath: Sequence[str] = (), default_args: bool = True) -> Iterator[ZepProcess]:
+    """Start `python -m zep serve` and wait until it is listening; stop it on exit."""
+    with tempfile.TemporaryDirectory(prefix="zep-test-") as tmp:
+        ready = Path(tmp, "ready.json")
+        log_path = Path(tmp, "zep.log")
+        command = [sys.executable, "-m", "zep", "serve"]
+        if default_args:
+            command += ["--host", "127.0.0.1", "--socks-port", "0", "--http-port", "0"]
+        command += [*args, "--ready-file", str(ready)]
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(command, env=zep_env(env, relay, extra_pythonpath),
+                                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            info = _wait_ready(proc, ready, log_path)
+            yield ZepProcess(proc, log_path, _port(info.get("socks5")), _port(info.get("http")))
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def run_zep(*args: str, env: Mapping[str, str] | None = None, extra_pythonpath: Sequence[str] = (),
+            timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run `python -m zep ARGS` to completion (for start-up errors and `zep version`)."""
+    return subprocess.run([sys.executable, "-m", "zep", *args], env=zep_env(env, None, extra_pythonpath),
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path) -> dict:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if ready.exists():
+            return json.loads(ready.read_text())
+        if proc.poll() is not None:
+            raise RuntimeError(f"zep exited with {proc.returncode} before it was ready:\n{log_path.read_text()}")
+        time.sleep(0.02)
+    raise RuntimeError(f"zep was not ready within {READY_TIMEOUT} s:\n{log_path.read_text()}")
+
+
+def _port(address: str | None) -> int | None:
+    return int(address.rsplit(":", 1)[1]) if address else None
