@@ -53,6 +53,8 @@ class _Side(asyncio.Protocol):
         self.closed_by_us = False
         self.uncounted = False
         self.early: list[bytes] = []  # read before the pair started (see data_received)
+        self.connecting = False  # the loop is making our transport
+        self.pending_close: tuple[bool, bool] | None = None  # close() asked meanwhile
 
     def uncount_buffered(self) -> None:
         """Bytes still in the write buffer were never written: take them off once."""
@@ -80,6 +82,11 @@ class _Side(asyncio.Protocol):
     # -- protocol callbacks ----------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.connecting = False
+        if self.pending_close is not None:
+            reset, abort = self.pending_close
+            self.close(reset=reset, abort=abort)
+            return
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
         self.update_reading()  # paused until both sides are ready
         self.pair.side_ready()
@@ -144,6 +151,9 @@ class _Side(asyncio.Protocol):
         if self.lost:
             return
         self.closed_by_us = True
+        if tr is None and self.connecting:
+            self.pending_close = (reset, abort)  # done in connection_made
+            return
         if tr is None:
             # Never got a transport (creation failed): close the socket ourselves.
             self.lost = True
@@ -287,6 +297,7 @@ async def relay(
             if side.lost:  # the other side already failed and closed this one
                 continue
             side.sock.setblocking(False)
+            side.connecting = True
             await loop.connect_accepted_socket(lambda side=side: side, sock=side.sock)
         await asyncio.shield(pair.done)
     except asyncio.CancelledError:
