@@ -1,0 +1,144 @@
+"""The Ziti stand-in: compile it, fetch the pinned `openziti` sdist, and assemble an importable package.
+
+The `openziti` sdist downloads the real native library at build time, which tests cannot do, so
+the tests run the sdist's own Python code (`src/openziti`, unchanged) with the stand-in in
+`tests/ziti_standin/` installed as its `lib/libziti.so`. The sdist is fetched once with pip,
+checked against its published sha256, and cached; nothing of it is ever committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+OPENZITI_VERSION = "1.7.1"
+OPENZITI_SDIST = f"openziti-{OPENZITI_VERSION}.tar.gz"
+OPENZITI_SHA256 = "1c403a4391f41d91a84d5c7ae6d415d0c3403d0c18636d46786ce2fc910fd96f"
+STANDIN_SOURCE = Path(__file__).resolve().parent.parent / "ziti_standin" / "standin.c"
+
+# Values of the SDK's error codes (includes/ziti/errors.h) that tests refer to.
+ZITI_AUTHENTICATION_FAILED = -14
+
+
+def cache_dir() -> Path:
+    """Where the sdist is kept between runs: $ZEP_TEST_CACHE, else ~/.cache/zep-tests."""
+    configured = os.environ.get("ZEP_TEST_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "zep-tests"
+
+
+def compile_standin(directory: Path) -> Path:
+    """Build the stand-in shared library; libc is linked explicitly so `free` resolves through it."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"the Ziti stand-in needs a C compiler: {cc!r} was not found (set CC)")
+    output = directory / "libziti.so"
+    command = [cc, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(output),
+               str(STANDIN_SOURCE), "-Wl,--no-as-needed", "-lc"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling the Ziti stand-in failed:\n{' '.join(command)}\n{result.stderr}")
+    return output
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 16), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_sdist() -> Path:
+    """The pinned sdist: $ZEP_OPENZITI_SDIST, else the cached copy, else downloaded with pip; sha256-checked."""
+    given = os.environ.get("ZEP_OPENZITI_SDIST")
+    cached = Path(given) if given else cache_dir() / OPENZITI_SDIST
+    if not cached.exists() and not given:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+            command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                       f"openziti=={OPENZITI_VERSION}", "--dest", tmp]
+            result = subprocess.run(command, capture_output=True, text=True)
+            downloaded = Path(tmp, OPENZITI_SDIST)
+            if result.returncode != 0 or not downloaded.exists():
+                raise RuntimeError(f"could not download {OPENZITI_SDIST} with pip:\n{result.stdout}{result.stderr}")
+            os.replace(downloaded, cached)
+    actual = sha256_of(cached)
+    if actual != OPENZITI_SHA256:
+        raise RuntimeError(f"{cached} has sha256 {actual}, expected {OPENZITI_SHA256}; delete it to fetch again")
+    return cached
+
+
+def build_package_dir(sdist: Path, library: Path, directory: Path) -> Path:
+    """Extract the sdist's `src/openziti` into `directory/openziti`, with the stand-in as lib/libziti.so.
+
+    The sdist ships a generated `_version.py`, so the package imports as is. Returns the directory
+    to put on sys.path / PYTHONPATH.
+    """
+    prefix = f"openziti-{OPENZITI_VERSION}/src/openziti/"
+    package = directory / "openziti"
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            if not member.name.startswith(prefix) or not member.isfile():
+                continue
+            relative = member.name[len(prefix):]
+            if not relative.endswith(".py") or "/" in relative:
+                continue
+            target = package / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None
+            target.write_bytes(source.read())
+    if not (package / "zitilib.py").exists():
+        raise RuntimeError(f"{sdist} has no {prefix}zitilib.py")
+    (package / "lib").mkdir(exist_ok=True)
+    shutil.copy2(library, package / "lib" / "libziti.so")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def standin_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_standin(tmp_path_factory.mktemp("ziti-standin"))
+
+
+@pytest.fixture(scope="session")
+def openziti_path(standin_library: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding the real `openziti` package on top of the stand-in: add it to sys.path."""
+    return build_package_dir(fetch_sdist(), standin_library, tmp_path_factory.mktemp("openziti-site"))
+
+
+# ---------------------------------------------------------------------------------- test identities
+
+def service(name: str, addresses: Iterable[str] = (), ports: Iterable[str | int] = ("1-65535",),
+            target: str | None = None, **switches: Any) -> dict[str, Any]:
+    """One service of a test identity; switches: fail_dial, dial_delay_ms, call_delay_ms."""
+    entry: dict[str, Any] = {"name": name, "intercepts": {"addresses": list(addresses), "ports": [str(p) for p in ports]}}
+    if target is not None:
+        entry["target"] = target
+    entry.update(switches)
+    return entry
+
+
+def identity_document(services: Iterable[Mapping[str, Any]] = (), **standin: Any) -> dict[str, Any]:
+    """A test identity: the keys a real one has, plus the stand-in's services (and load_delay_ms, load_error)."""
+    return {
+        "ztAPI": "https://controller.standin.test:1280",
+        "id": {"cert": "pem:standin-cert", "key": "pem:standin-key", "ca": "pem:standin-ca"},
+        "standin": {"services": list(services), **standin},
+    }
+
+
+def write_identity(path: Path, services: Iterable[Mapping[str, Any]] = (), **standin: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(identity_document(services, **standin), indent=2))
+    return path
