@@ -534,19 +534,21 @@ static bool same_address(const struct sockaddr_storage *x, const struct sockaddr
 static void *dial_thread(void *arg) {
     struct bridge *br = arg;
     const struct service *s = &br->service;
+    /* A real dial takes at least a round trip to an edge router, so its outcome always comes
+     * after the caller's connect to the bridge: wait for that connection before deciding. */
+    struct pollfd pfd = {br->listener, POLLIN, 0};
+    bool pending = poll(&pfd, 1, 2000) == 1;
     sleep_ms(s->dial_delay_ms);
-    int target = s->fail_dial ? -1 : connect_target(s);
+    int target = s->fail_dial || !pending ? -1 : connect_target(s);
     if (target < 0) {
         logf_(WARN, "dial of service[%s] failed%s", s->name, s->fail_dial ? " (fail_dial)" : "");
         close(br->listener); /* the caller's pending connection is reset */
         free(br);
         return NULL;
     }
-    struct pollfd pfd = {br->listener, POLLIN, 0};
     struct sockaddr_storage peer;
     socklen_t peer_len = sizeof peer;
-    int bridge = -1;
-    if (poll(&pfd, 1, 2000) == 1) bridge = accept4(br->listener, (struct sockaddr *)&peer, &peer_len, SOCK_CLOEXEC);
+    int bridge = accept4(br->listener, (struct sockaddr *)&peer, &peer_len, SOCK_CLOEXEC);
     close(br->listener);
     if (bridge >= 0 && !same_address(&peer, &br->app_addr)) {
         logf_(WARN, "bridge accept address mismatch");

@@ -1,0 +1,375 @@
+"""The Ziti dialer: the only module that imports `openziti`, the official OpenZiti Python SDK.
+
+`start(settings)` loads every configured identity (files, `;` lists, globs, or the base64 of one
+identity in `ZITI_IDENTITY`) with a bounded wait and returns a `ZitiDialer` for the Router.
+
+How a target is dialed (the SDK's `Ziti_connect_addr` / `Ziti_connect`, see ZITI.md):
+1. If a service's intercept config matches (host, port) in any loaded identity, dial it.
+2. Else, if the host is `<service><suffix>` (default suffix `.ziti`), dial that service by name;
+   no identity has it: HOST_UNREACHABLE.
+3. Else return None: the Router applies the fallback policy (direct or deny).
+
+The SDK connects our socket to a loopback bridge before the overlay dial has finished, so a dial
+that fails afterwards shows up as a reset before the first upstream byte; the access log reports
+that as `ziti-dial-failed`. The SDK calls block on the SDK's own loop thread, so they run in a
+small thread pool and never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import binascii
+import concurrent.futures
+import glob
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from zep.dial import DialError, Failure, Upstream
+
+log = logging.getLogger("zep.ziti")
+
+INSTALL_HINT = "pip install 'ziti-edge-proxy[ziti]'"
+# `import openziti` would load ZITI_IDENTITIES itself (no globs, no timeout): take them out first.
+IDENTITY_VARIABLES = ("ZITI_IDENTITIES", "ZITI_IDENTITY")
+ENCODED_LABEL = "ZITI_IDENTITY"
+
+# Ziti error codes (includes/ziti/errors.h in the C SDK).
+ZITI_SERVICE_UNAVAILABLE = -18
+ZITI_TIMEOUT = -20
+
+# The SDK does not say which service matched an intercept address, only that one did.
+INTERCEPT_ROUTE = "ziti:intercept"
+
+DIAL_THREADS = 16
+SHUTDOWN_WAIT = 5.0
+
+
+class ZitiSetupError(Exception):
+    """Ziti cannot start as configured; the message names the identity or the missing piece."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    label: str  # how messages name it: the configured path, or ZITI_IDENTITY
+    path: str  # the file handed to the SDK
+    handle: int = -1  # the SDK's context handle once loaded
+    controller: str = "unknown"
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def expand_identity_entries(entries: Iterable[str]) -> list[str]:
+    """Identity files from `ZITI_IDENTITIES` entries: globs expanded (sorted), each file once.
+
+    A plain entry that is not a file, or a glob that matches no file, is an error naming it.
+    """
+    paths: list[str] = []
+    seen: set[str] = set()
+    for entry in entries:
+        expanded = os.path.expanduser(entry)
+        if any(c in expanded for c in "*?["):
+            matches = sorted(p for p in glob.glob(expanded) if os.path.isfile(p))
+            if not matches:
+                raise ZitiSetupError(f"Ziti identity pattern {entry} matches no file")
+        elif os.path.isfile(expanded):
+            matches = [expanded]
+        elif os.path.exists(expanded):
+            raise ZitiSetupError(f"Ziti identity {entry} is not a file")
+        else:
+            raise ZitiSetupError(f"Ziti identity file {entry} does not exist")
+        for path in matches:
+            key = os.path.realpath(path)
+            if key not in seen:
+                seen.add(key)
+                paths.append(path)
+    return paths
+
+
+def decode_identity(text: str) -> bytes:
+    """The identity JSON held base64-encoded in ZITI_IDENTITY (whitespace and line breaks allowed)."""
+    compact = "".join(text.split())
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise ZitiSetupError(f"{ENCODED_LABEL} is not valid base64 (expected the base64 of an identity JSON file)") from None
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        document = None
+    if not isinstance(document, dict):
+        raise ZitiSetupError(f"{ENCODED_LABEL} is base64 but does not decode to an identity JSON document")
+    return data
+
+
+class PrivateDirectory:
+    """A mode-0700 temporary directory for decoded identities, removed by remove() and at exit."""
+
+    def __init__(self) -> None:
+        self.path = tempfile.mkdtemp(prefix="zep-ziti-")
+        atexit.register(self.remove)
+
+    def write(self, name: str, data: bytes) -> str:
+        path = os.path.join(self.path, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        return path
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        atexit.unregister(self.remove)
+
+
+def normalize_suffix(suffix: str | None) -> str:
+    """`ziti` and `.ziti` both mean the `.ziti` suffix; empty turns dialing by name off."""
+    suffix = (suffix or "").strip()
+    if suffix and not suffix.startswith("."):
+        suffix = "." + suffix
+    return suffix.lower()
+
+
+def service_for_host(host: str, suffix: str) -> str | None:
+    """`web.ziti` -> `web` (suffix `.ziti`); None when the host does not use the suffix form."""
+    host = host.rstrip(".")
+    if not suffix or len(host) <= len(suffix) or not host.lower().endswith(suffix):
+        return None
+    return host[: -len(suffix)]
+
+
+def ziti_error_code(exc: BaseException) -> int | None:
+    """The Ziti error code of an SDK failure: `zitilib.check_error` raises Exception(code, message)."""
+    if type(exc) is Exception and len(exc.args) == 2 and isinstance(exc.args[0], int) and exc.args[0] < 0:
+        return exc.args[0]
+    return None
+
+
+def describe_sdk_error(exc: BaseException) -> str:
+    if ziti_error_code(exc) is not None:
+        return f"{exc.args[1]} (Ziti error {exc.args[0]})"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc) or type(exc).__name__
+
+
+def _controller_of(path: str, label: str) -> str:
+    """The controller URL named by an identity file, for the start-up log (nothing else is read)."""
+    try:
+        with open(path, "rb") as f:
+            document = json.load(f)
+    except OSError as exc:
+        raise ZitiSetupError(f"cannot read Ziti identity {label}: {exc.strerror}") from None
+    except ValueError:
+        return "unknown"  # the SDK decides whether it is an identity
+    if not isinstance(document, dict):
+        return "unknown"
+    controller = document.get("ztAPI")
+    if not controller and isinstance(document.get("ztAPIs"), list) and document["ztAPIs"]:
+        controller = document["ztAPIs"][0]
+    return controller if isinstance(controller, str) and controller else "unknown"
+
+
+# ----------------------------------------------------------------------------- the SDK
+
+def import_sdk() -> Any:
+    """Import `openziti` with the identity variables out of the environment; returns `openziti.zitilib`."""
+    for name in IDENTITY_VARIABLES:
+        os.environ.pop(name, None)
+    try:
+        import openziti  # noqa: F401  (the package's import wires up its native library)
+        from openziti import zitilib
+    except ModuleNotFoundError as exc:
+        if exc.name != "openziti":
+            raise ZitiSetupError(f"cannot import the OpenZiti SDK ({exc}); reinstall it: {INSTALL_HINT}") from None
+        raise ZitiSetupError(f"a Ziti identity is configured but the OpenZiti SDK is not installed: {INSTALL_HINT}") from None
+    except (ImportError, OSError) as exc:
+        raise ZitiSetupError(f"cannot load the OpenZiti SDK's native library ({exc}); reinstall it: {INSTALL_HINT}") from None
+    return zitilib
+
+
+def _shutdown_sdk(zitilib: Any) -> None:
+    """Ziti_lib_shutdown, without letting a stuck SDK hold up the exit."""
+    thread = threading.Thread(target=zitilib.shutdown, name="zep-ziti-shutdown", daemon=True)
+    thread.start()
+    thread.join(SHUTDOWN_WAIT)
+
+
+def load_identities(zitilib: Any, identities: list[Identity], timeout: float) -> list[Identity]:
+    """Load each identity, all within `timeout` seconds; the SDK returns once its services are known."""
+    loaded: list[Identity] = []
+    deadline = time.monotonic() + timeout
+    for identity in identities:
+        controller = _controller_of(identity.path, identity.label)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ZitiSetupError(f"Ziti identity {identity.label} was not loaded: loading identities took longer "
+                                 f"than {timeout:g} s (ZEP_ZITI_LOAD_TIMEOUT)")
+        handle, err = zitilib.load(identity.path, max(1, int(remaining * 1000)))
+        if err == ZITI_TIMEOUT:
+            raise ZitiSetupError(f"Ziti identity {identity.label} did not load within {timeout:g} s "
+                                 f"(controller {controller}; ZEP_ZITI_LOAD_TIMEOUT)")
+        if err != 0:
+            raise ZitiSetupError(f"cannot load Ziti identity {identity.label}: {zitilib.errorstr(err)} (Ziti error {err})")
+        identity = Identity(identity.label, identity.path, handle, controller)
+        log.info("ziti identity loaded: %s (controller %s)", identity.label, controller)
+        loaded.append(identity)
+    return loaded
+
+
+def start(settings: Any) -> ZitiDialer:
+    """Load the configured identities (blocking, bounded) and return the dialer; raises ZitiSetupError."""
+    entries = tuple(getattr(settings, "ziti_identities", ()) or ())
+    encoded = getattr(settings, "ziti_identity", None)
+    timeout = float(getattr(settings, "ziti_load_timeout", 30.0))
+    suffix = normalize_suffix(getattr(settings, "ziti_service_suffix", ".ziti"))
+
+    identities = [Identity(path, os.path.abspath(path)) for path in expand_identity_entries(entries)]
+    decoded = decode_identity(encoded) if encoded else None
+    if not identities and decoded is None:
+        raise ZitiSetupError("no Ziti identity is configured (ZITI_IDENTITIES, ZITI_IDENTITY or --identity)")
+    zitilib = import_sdk()
+
+    private = None
+    if decoded is not None:
+        private = PrivateDirectory()
+        identities.append(Identity(ENCODED_LABEL, private.write("identity.json", decoded)))
+    try:
+        loaded = load_identities(zitilib, identities, timeout)
+    except BaseException:
+        _shutdown_sdk(zitilib)
+        if private is not None:
+            private.remove()
+        raise
+    version = zitilib.version()
+    log.info("ziti ready: %d identit%s, OpenZiti C SDK %s; services are matched by intercept address per "
+             "connection (the SDK does not list them)%s", len(loaded), "y" if len(loaded) == 1 else "ies",
+             _text(version.version), f", and <service>{suffix} dials a service by name" if suffix else "")
+    return ZitiDialer(zitilib, loaded, suffix, private)
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+# ----------------------------------------------------------------------------- the dialer
+
+class ZitiDialer:
+    """A Dialer over the loaded identities; `close()` shuts the SDK down and removes decoded files."""
+
+    def __init__(self, zitilib: Any, identities: list[Identity], suffix: str,
+                 private: PrivateDirectory | None = None) -> None:
+        self.identities = tuple(identities)
+        self.suffix = suffix
+        self._zitilib = zitilib
+        self._private = private
+        self._executor = concurrent.futures.ThreadPoolExecutor(DIAL_THREADS, thread_name_prefix="zep-ziti")
+        self._closed = False
+
+    async def dial(self, host: str, port: int, timeout: float) -> Upstream | None:
+        if self._closed:
+            raise DialError(Failure.GENERAL, "the Ziti runtime is shut down")
+        try:
+            async with asyncio.timeout(timeout):
+                sock = await self._call(self._connect_addr, host, port)
+                route = INTERCEPT_ROUTE
+                if sock is None:
+                    service = service_for_host(host, self.suffix)
+                    if service is None:
+                        return None
+                    sock = await self._call(self._connect_service, service)
+                    if sock is None:
+                        raise DialError(Failure.HOST_UNREACHABLE,
+                                        f"no loaded Ziti identity can dial a service named {service!r}")
+                    route = f"ziti:{service}"
+                try:
+                    await _wait_connected(sock)
+                except BaseException:
+                    sock.close()
+                    raise
+        except TimeoutError:
+            raise DialError(Failure.TIMEOUT, f"Ziti dial of {host}:{port} took longer than {timeout:g} s") from None
+        except OSError as exc:
+            raise DialError(Failure.GENERAL, f"Ziti dial of {host}:{port} failed: {describe_sdk_error(exc)}") from None
+        log.debug("ziti: %s:%s via %s", host, port, route)
+        return Upstream(sock, route)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        _shutdown_sdk(self._zitilib)
+        if self._private is not None:
+            self._private.remove()
+
+    async def _call(self, fn: Callable[..., socket.socket | None], *args: Any) -> socket.socket | None:
+        """Run a blocking SDK call on the pool; if we stop waiting, close whatever it returns later."""
+        future = self._executor.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except BaseException:
+            future.add_done_callback(_close_result)
+            raise
+
+    def _connect_addr(self, host: str, port: int) -> socket.socket | None:
+        """Ziti_connect_addr: a socket connecting to the bridge, or None when no intercept matches."""
+        return self._new_socket(lambda fd: self._zitilib.connect_addr(fd, (host, port)), f"{host}:{port}")
+
+    def _connect_service(self, service: str) -> socket.socket | None:
+        """Ziti_connect with each identity in turn: the first that has the service carries it."""
+        for identity in self.identities:
+            sock = self._new_socket(lambda fd: self._zitilib.connect(fd, identity.handle, service, None),
+                                    f"service {service!r}")
+            if sock is not None:
+                return sock
+        return None
+
+    def _new_socket(self, connect: Callable[[int], None], what: str) -> socket.socket | None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            try:
+                connect(sock.fileno())
+            except BlockingIOError:
+                pass  # the bridge connect is in progress, as for any non-blocking socket
+            except Exception as exc:
+                if ziti_error_code(exc) == ZITI_SERVICE_UNAVAILABLE:
+                    sock.close()
+                    return None
+                if isinstance(exc, OSError):
+                    raise
+                raise DialError(Failure.GENERAL, f"Ziti dial of {what} failed: {describe_sdk_error(exc)}") from None
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+
+def _close_result(future: concurrent.futures.Future) -> None:
+    if not future.cancelled() and future.exception() is None and future.result() is not None:
+        future.result().close()
+
+
+async def _wait_connected(sock: socket.socket) -> None:
+    """Wait for the non-blocking connect to the SDK's bridge to finish; raise its error if it failed."""
+    loop = asyncio.get_running_loop()
+    writable = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+    try:
+        await writable
+    finally:
+        loop.remove_writer(fd)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
