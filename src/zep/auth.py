@@ -1,0 +1,46 @@
+"""Proxy credentials: one user name and password, checked in constant time.
+
+Shared by the SOCKS5 user/password sub-negotiation (RFC 1929) and HTTP
+`Proxy-Authorization: Basic` (RFC 7617).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)  # keep it out of logs and tracebacks
+
+    def matches(self, username: str | bytes, password: str | bytes) -> bool:
+        # Compare both fields every time so timing does not reveal which one was wrong.
+        user_ok = hmac.compare_digest(_utf8(username), self.username.encode("utf-8"))
+        password_ok = hmac.compare_digest(_utf8(password), self.password.encode("utf-8"))
+        return user_ok & password_ok
+
+
+def _utf8(value: str | bytes) -> bytes:
+    # surrogatepass: any str, even one holding lone surrogates, must compare without raising.
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
+
+
+def parse_basic(header_value: bytes | None) -> tuple[str, str] | None:
+    """`Basic base64(user:pass)` -> (user, pass); None when absent, another scheme, or malformed."""
+    if not header_value:
+        return None
+    scheme, _, token = header_value.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    username, colon, password = decoded.partition(":")
+    if not colon:
+        return None
+    return username, password
