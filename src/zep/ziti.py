@@ -372,4 +372,5 @@ async def _wait_connected(sock: socket.socket) -> None:
         loop.remove_writer(fd)
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
-        raise OSError(err, os.strerror(err))
+        # The overlay dial already failed and the SDK closed its bridge: say so before any reply.
+        raise OSError(err, f"the overlay dial failed, the SDK reset its bridge ({os.strerror(err)})")
