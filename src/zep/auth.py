@@ -19,14 +19,19 @@ class Credentials:
 
     def matches(self, username: str | bytes, password: str | bytes) -> bool:
         # Compare both fields every time so timing does not reveal which one was wrong.
-        user_ok = hmac.compare_digest(_utf8(username), self.username.encode("utf-8"))
-        password_ok = hmac.compare_digest(_utf8(password), self.password.encode("utf-8"))
+        user_ok = hmac.compare_digest(_utf8(username), _utf8(self.username))
+        password_ok = hmac.compare_digest(_utf8(password), _utf8(self.password))
         return user_ok & password_ok
 
 
 def _utf8(value: str | bytes) -> bytes:
-    # surrogatepass: any str, even one holding lone surrogates, must compare without raising.
-    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
+    if isinstance(value, bytes):
+        return value
+    try:
+        # A secret read from the environment keeps undecodable bytes as surrogates.
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # other lone surrogates: still compare, never raise
+        return value.encode("utf-8", "surrogatepass")
 
 
 def parse_basic(header_value: bytes | None) -> tuple[str, str] | None:
