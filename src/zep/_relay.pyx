@@ -1,0 +1,913 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled relay: a splice engine on its own native thread.
+
+One engine per process, started on first use. Its thread runs an epoll loop
+with the GIL released and never touches a Python object. ``relay()`` detaches
+both sockets, submits the pair (mutex-guarded queue + eventfd wake-up) and
+awaits a future; the engine posts finished pairs to a completion queue whose
+eventfd the asyncio loop watches with ``add_reader``.
+
+Each direction moves bytes socket -> pipe -> socket with
+splice(SPLICE_F_MOVE | SPLICE_F_NONBLOCK). A direction takes a pipe from the
+pool only while it holds data and gives it back as soon as the pipe is empty,
+so idle pairs hold no pipe. A direction where splice says EINVAL falls back to
+recv/send on a fixed buffer. Readiness is edge-triggered: each fd is
+registered once and the engine keeps its own "readable"/"writable" flags,
+cleared on EAGAIN, so there is no epoll_ctl per state change.
+"""
+
+import asyncio
+import atexit
+import errno as _errno
+import os
+import time
+
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy
+
+from zep.includes cimport system as c
+
+from zep.relay_result import RelayCancelled, RelayEnd, RelayResult
+
+__all__ = ["relay", "stats"]
+
+
+# -- engine data (plain C) ---------------------------------------------------------
+
+cdef enum:
+    CLIENT = 0
+    UPSTREAM = 1
+    MAX_EVENTS = 512
+    COPY_BUF = 65536
+
+cdef enum:
+    RUNNING = 0
+    END_DONE = 1
+    END_IDLE = 2
+    END_CLIENT_ERROR = 3
+    END_UPSTREAM_ERROR = 4
+    END_CANCELLED = 5
+
+cdef int DEFAULT_PIPE_SIZE = 1 << 20
+cdef int DEFAULT_POOL_CAP = 256
+
+
+cdef struct Dir:
+    # One direction, src side -> dst side (direction k reads side k).
+    int pipe_r
+    int pipe_w
+    size_t in_pipe        # bytes sitting in the pipe
+    char *buf             # copy fallback buffer (only while it holds data)
+    size_t buf_len
+    size_t buf_off
+    char *early           # early bytes, written before anything else
+    size_t early_len
+    size_t early_off
+    uint64_t bytes        # bytes written to the dst side
+    bint copy_mode        # splice refused: recv/send
+    bint eof              # src said EOF
+    bint shut             # EOF passed on: shutdown(dst, SHUT_WR) done
+
+
+cdef struct Pair:
+    int fd[2]
+    bint rd[2]            # edge-triggered readiness, cleared on EAGAIN
+    bint wr[2]
+    Dir d[2]              # d[0]: client -> upstream, d[1]: upstream -> client
+    int64_t idle_ms       # < 0: no idle timeout
+    int64_t last_ms
+    int ended             # RUNNING or END_*
+    int err               # errno when ended by an error
+    # shared with the Python side, under the engine mutex
+    int refs
+    bint posted           # on the completion queue (the engine is done with it)
+    bint cancel_queued
+    bint force_copy
+    Pair *sq_next
+    Pair *cq_next
+    Pair *cancel_next
+    # engine thread only
+    Pair *act_prev
+    Pair *act_next
+    Pair *fin_next
+    Pair *kill_next
+
+
+cdef struct Stats:
+    uint64_t submitted
+    uint64_t completed
+    uint64_t active
+    uint64_t pipes_in_use
+    uint64_t pipes_created
+    uint64_t splice_bytes
+    uint64_t copy_bytes
+    uint64_t copy_directions
+    uint64_t pipe_bytes_max
+    uint64_t wakeups
+
+
+cdef struct Engine:
+    int epfd
+    int sq_efd            # wakes the engine: new pairs, cancels, stop
+    int cq_efd            # wakes asyncio: finished pairs
+    c.pthread_mutex_t mu
+    c.pthread_t thread
+    # under mu
+    Pair *sq_head
+    Pair *sq_tail
+    Pair *cancel_head
+    Pair *cq_head
+    Pair *cq_tail
+    bint stop
+    # engine thread only
+    Pair *active
+    Pair *fin_head
+    int64_t now_ms
+    int64_t next_scan_ms  # < 0: no idle deadline pending
+    int *pool             # pipe pool: pool[2*i], pool[2*i+1]
+    int pool_n
+    int pool_cap
+    int pipe_size
+    Stats st
+
+
+# -- engine thread ------------------------------------------------------------------
+
+cdef inline int64_t now_ms() noexcept nogil:
+    cdef c.timespec ts
+    c.clock_gettime(c.CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
+cdef bint pipe_get(Engine *e, Dir *d) noexcept nogil:
+    cdef int fds[2]
+    if e.pool_n > 0:
+        e.pool_n -= 1
+        d.pipe_r = e.pool[2 * e.pool_n]
+        d.pipe_w = e.pool[2 * e.pool_n + 1]
+    else:
+        if c.pipe2(fds, c.O_NONBLOCK | c.O_CLOEXEC) < 0:
+            return False
+        # Bigger pipes mean fewer splices per byte; refused above
+        # /proc/sys/fs/pipe-max-size for unprivileged users, which is fine.
+        c.fcntl(fds[1], c.F_SETPIPE_SZ, e.pipe_size)
+        d.pipe_r = fds[0]
+        d.pipe_w = fds[1]
+        e.st.pipes_created += 1
+    e.st.pipes_in_use += 1
+    return True
+
+
+cdef void pipe_put(Engine *e, Dir *d) noexcept nogil:
+    if d.pipe_r < 0:
+        return
+    if d.in_pipe == 0 and e.pool_n < e.pool_cap:
+        e.pool[2 * e.pool_n] = d.pipe_r
+        e.pool[2 * e.pool_n + 1] = d.pipe_w
+        e.pool_n += 1
+    else:
+        # Never pool a pipe that still holds bytes.
+        c.close(d.pipe_r)
+        c.close(d.pipe_w)
+    d.pipe_r = -1
+    d.pipe_w = -1
+    d.in_pipe = 0
+    e.st.pipes_in_use -= 1
+
+
+cdef void teardown(Engine *e, Pair *p, int reset_side) noexcept nogil:
+    """Close both fds (exactly once), release pipes and buffers, queue for posting."""
+    cdef int k
+    cdef c.linger lg
+    cdef c.epoll_event ev
+    for k in range(2):
+        if p.fd[k] >= 0:
+            c.epoll_ctl(e.epfd, c.EPOLL_CTL_DEL, p.fd[k], &ev)
+            if k == reset_side:
+                # An error on the other side propagates as a reset.
+                lg.l_onoff = 1
+                lg.l_linger = 0
+                c.setsockopt(p.fd[k], c.SOL_SOCKET, c.SO_LINGER, &lg, sizeof(lg))
+            c.close(p.fd[k])
+            p.fd[k] = -1
+        pipe_put(e, &p.d[k])
+        if p.d[k].buf != NULL:
+            free(p.d[k].buf)
+            p.d[k].buf = NULL
+        if p.d[k].early != NULL:
+            free(p.d[k].early)
+            p.d[k].early = NULL
+    # off the active list, onto the list posted at the end of this iteration
+    if p.act_prev != NULL:
+        p.act_prev.act_next = p.act_next
+    else:
+        e.active = p.act_next
+    if p.act_next != NULL:
+        p.act_next.act_prev = p.act_prev
+    p.act_prev = p.act_next = NULL
+    p.fin_next = e.fin_head
+    e.fin_head = p
+    e.st.active -= 1
+
+
+cdef inline void finish(Engine *e, Pair *p, int how) noexcept nogil:
+    if p.ended != RUNNING:
+        return
+    p.ended = how
+    teardown(e, p, -1)
+
+
+cdef inline int fail(Engine *e, Pair *p, int side, int err) noexcept nogil:
+    if p.ended == RUNNING:
+        p.ended = END_CLIENT_ERROR if side == CLIENT else END_UPSTREAM_ERROR
+        p.err = err
+        teardown(e, p, 1 - side)
+    return -1
+
+
+cdef int pump_splice(Engine *e, Pair *p, int k) noexcept nogil:
+    """Move what can move for direction k in splice mode.
+    Returns 1 on progress, 0 when blocked, -1 when the pair failed."""
+    cdef Dir *d = &p.d[k]
+    cdef int src = p.fd[k]
+    cdef int dst = p.fd[1 - k]
+    cdef c.ssize_t n
+    cdef int progress = 0
+    cdef int err
+    # pipe -> dst
+    if d.in_pipe > 0 and p.wr[1 - k]:
+        n = c.splice(d.pipe_r, NULL, dst, NULL, d.in_pipe, c.SPLICE_F_MOVE | c.SPLICE_F_NONBLOCK)
+        if n > 0:
+            d.in_pipe -= n
+            d.bytes += n
+            e.st.splice_bytes += n
+            p.last_ms = e.now_ms
+            progress = 1
+        elif n < 0:
+            err = c.errno
+            if err == c.EAGAIN:
+                p.wr[1 - k] = False
+            elif err == c.EINVAL:
+                d.copy_mode = True   # the pipe's bytes go out through the buffer
+                e.st.copy_directions += 1
+                return 1
+            elif err != c.EINTR:
+                return fail(e, p, 1 - k, err)
+    # src -> pipe, only while the pipe has room (backpressure)
+    if not d.eof and p.rd[k] and d.in_pipe < <size_t>e.pipe_size:
+        if d.pipe_r < 0 and not pipe_get(e, d):
+            d.copy_mode = True       # out of pipes/fds: this direction copies
+            e.st.copy_directions += 1
+            return 1
+        n = c.splice(src, NULL, d.pipe_w, NULL, e.pipe_size - d.in_pipe, c.SPLICE_F_MOVE | c.SPLICE_F_NONBLOCK)
+        if n > 0:
+            d.in_pipe += n
+            if d.in_pipe > e.st.pipe_bytes_max:
+                e.st.pipe_bytes_max = d.in_pipe
+            p.last_ms = e.now_ms
+            progress = 1
+        elif n == 0:
+            d.eof = True
+            progress = 1
+        else:
+            err = c.errno
+            if err == c.EAGAIN:
+                # With bytes in the pipe this may mean "pipe full": keep the
+                # flag and retry once the pipe drained.
+                if d.in_pipe == 0:
+                    p.rd[k] = False
+            elif err == c.EINVAL:
+                d.copy_mode = True
+                e.st.copy_directions += 1
+                progress = 1
+            elif err != c.EINTR:
+                return fail(e, p, k, err)
+    if d.in_pipe == 0 and d.pipe_r >= 0:
+        pipe_put(e, d)
+    return progress
+
+
+cdef int pump_copy(Engine *e, Pair *p, int k) noexcept nogil:
+    """Direction k with recv/send on a fixed buffer (splice refused)."""
+    cdef Dir *d = &p.d[k]
+    cdef int src = p.fd[k]
+    cdef int dst = p.fd[1 - k]
+    cdef c.ssize_t n
+    cdef int progress = 0
+    cdef int err
+    if d.buf_off < d.buf_len and p.wr[1 - k]:
+        n = c.send(dst, d.buf + d.buf_off, d.buf_len - d.buf_off, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+        if n > 0:
+            d.buf_off += n
+            d.bytes += n
+            e.st.copy_bytes += n
+            p.last_ms = e.now_ms
+            progress = 1
+        else:
+            err = c.errno
+            if err == c.EAGAIN:
+                p.wr[1 - k] = False
+            elif err != c.EINTR:
+                return fail(e, p, 1 - k, err)
+    if d.buf_off == d.buf_len:
+        d.buf_off = d.buf_len = 0
+        if d.in_pipe > 0:
+            # left in the pipe when splice was refused: read it out first
+            if d.buf == NULL:
+                d.buf = <char *>malloc(COPY_BUF)
+                if d.buf == NULL:
+                    return fail(e, p, k, c.ENOMEM)
+            n = c.read(d.pipe_r, d.buf, COPY_BUF)
+            if n > 0:
+                d.buf_len = n
+                d.in_pipe -= n
+                progress = 1
+            if d.in_pipe == 0:
+                pipe_put(e, d)
+        elif not d.eof and p.rd[k]:
+            if d.buf == NULL:
+                d.buf = <char *>malloc(COPY_BUF)
+                if d.buf == NULL:
+                    return fail(e, p, k, c.ENOMEM)
+            n = c.recv(src, d.buf, COPY_BUF, c.MSG_DONTWAIT)
+            if n > 0:
+                d.buf_len = n
+                p.last_ms = e.now_ms
+                progress = 1
+            elif n == 0:
+                d.eof = True
+                progress = 1
+            else:
+                err = c.errno
+                if err == c.EAGAIN:
+                    p.rd[k] = False
+                elif err != c.EINTR:
+                    return fail(e, p, k, err)
+        if d.buf_len == 0 and d.buf != NULL and (d.eof or not p.rd[k]):
+            free(d.buf)              # idle: hold no buffer
+            d.buf = NULL
+    return progress
+
+
+cdef int pump_dir(Engine *e, Pair *p, int k) noexcept nogil:
+    cdef Dir *d = &p.d[k]
+    cdef c.ssize_t n
+    cdef int r = 0
+    cdef int err
+    if d.shut:
+        return 0
+    if d.early_off < d.early_len:
+        # Early bytes first, with a plain send.
+        if not p.wr[1 - k]:
+            return 0
+        n = c.send(p.fd[1 - k], d.early + d.early_off, d.early_len - d.early_off,
+                   c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+        if n < 0:
+            err = c.errno
+            if err == c.EAGAIN:
+                p.wr[1 - k] = False
+                return 0
+            if err == c.EINTR:
+                return 1
+            return fail(e, p, 1 - k, err)
+        d.early_off += n
+        d.bytes += n
+        p.last_ms = e.now_ms
+        if d.early_off == d.early_len:
+            free(d.early)
+            d.early = NULL
+            d.early_off = d.early_len = 0
+        return 1
+    if d.copy_mode:
+        r = pump_copy(e, p, k)
+    else:
+        r = pump_splice(e, p, k)
+    if r < 0:
+        return r
+    if d.eof and d.in_pipe == 0 and d.buf_off == d.buf_len and not d.shut:
+        # Everything from src is out: pass the EOF on.
+        c.shutdown(p.fd[1 - k], c.SHUT_WR)
+        d.shut = True
+        r = 1
+    return r
+
+
+cdef void pump(Engine *e, Pair *p) noexcept nogil:
+    cdef int progress = 1
+    cdef int r
+    cdef int k
+    while progress and p.ended == RUNNING:
+        progress = 0
+        for k in range(2):
+            r = pump_dir(e, p, k)
+            if r < 0:
+                return
+            progress |= r
+    if p.ended == RUNNING and p.d[0].shut and p.d[1].shut:
+        finish(e, p, END_DONE)
+
+
+cdef void on_event(Engine *e, Pair *p, int side, unsigned int events) noexcept nogil:
+    cdef int err = 0
+    cdef c.socklen_t len = sizeof(err)
+    if p.ended != RUNNING:
+        return            # finished earlier in this batch
+    if events & c.EPOLLERR:
+        if c.getsockopt(p.fd[side], c.SOL_SOCKET, c.SO_ERROR, &err, &len) == 0 and err != 0:
+            fail(e, p, side, err)
+            return
+    if events & (c.EPOLLIN | c.EPOLLRDHUP | c.EPOLLHUP | c.EPOLLERR):
+        p.rd[side] = True
+    if events & (c.EPOLLOUT | c.EPOLLHUP | c.EPOLLERR):
+        p.wr[side] = True
+    pump(e, p)
+
+
+cdef void start_pair(Engine *e, Pair *p) noexcept nogil:
+    cdef c.epoll_event ev
+    cdef int k
+    p.act_prev = NULL
+    p.act_next = e.active
+    if e.active != NULL:
+        e.active.act_prev = p
+    e.active = p
+    e.st.active += 1
+    p.last_ms = e.now_ms
+    if p.idle_ms >= 0:
+        if e.next_scan_ms < 0 or p.last_ms + p.idle_ms < e.next_scan_ms:
+            e.next_scan_ms = p.last_ms + p.idle_ms
+    if p.force_copy:
+        for k in range(2):
+            p.d[k].copy_mode = True
+            e.st.copy_directions += 1
+    for k in range(2):
+        ev.events = c.EPOLLIN | c.EPOLLOUT | c.EPOLLRDHUP | c.EPOLLET
+        ev.data.u64 = <uint64_t><uintptr_t>p | <uint64_t>k
+        if c.epoll_ctl(e.epfd, c.EPOLL_CTL_ADD, p.fd[k], &ev) < 0:
+            fail(e, p, k, c.errno)
+            return
+    # edge-triggered ADD reports current readiness on the next wait
+
+
+cdef void scan_idle(Engine *e) noexcept nogil:
+    cdef Pair *p = e.active
+    cdef Pair *nxt
+    cdef int64_t due
+    cdef int64_t next_scan = -1
+    while p != NULL:
+        nxt = p.act_next
+        if p.idle_ms >= 0:
+            due = p.last_ms + p.idle_ms
+            if due <= e.now_ms:
+                finish(e, p, END_IDLE)
+            elif next_scan < 0 or due < next_scan:
+                next_scan = due
+        p = nxt
+    e.next_scan_ms = next_scan
+
+
+cdef bint take_commands(Engine *e) noexcept nogil:
+    """New pairs, cancels and stop, from the Python side. Returns the stop flag."""
+    cdef uint64_t junk
+    cdef Pair *sq
+    cdef Pair *p
+    cdef Pair *nxt
+    cdef Pair *kill = NULL
+    cdef bint stop
+    c.read(e.sq_efd, &junk, 8)
+    c.pthread_mutex_lock(&e.mu)
+    sq = e.sq_head
+    e.sq_head = e.sq_tail = NULL
+    p = e.cancel_head
+    e.cancel_head = NULL
+    stop = e.stop
+    # Each queued cancel holds a reference, given back here. A pair already
+    # posted is finished: nothing to do, and it may be freed the moment the
+    # mutex is released (here, if ours was the last reference). A pair not yet
+    # posted stays alive: only this thread posts.
+    while p != NULL:
+        nxt = p.cancel_next
+        p.cancel_queued = False
+        p.refs -= 1
+        if p.refs == 0:
+            free(p)
+        elif not p.posted:
+            p.kill_next = kill
+            kill = p
+        p = nxt
+    c.pthread_mutex_unlock(&e.mu)
+    p = sq
+    while p != NULL:
+        nxt = p.sq_next
+        start_pair(e, p)
+        p = nxt
+    while kill != NULL:
+        finish(e, kill, END_CANCELLED)
+        kill = kill.kill_next
+    if stop:
+        while e.active != NULL:
+            finish(e, e.active, END_CANCELLED)
+    return stop
+
+
+cdef void post_finished(Engine *e) noexcept nogil:
+    cdef Pair *p = e.fin_head
+    cdef Pair *nxt
+    cdef uint64_t one = 1
+    cdef bint any = False
+    if p == NULL:
+        return
+    e.fin_head = NULL
+    c.pthread_mutex_lock(&e.mu)
+    while p != NULL:
+        nxt = p.fin_next
+        p.posted = True
+        p.refs -= 1           # the engine's reference; Python still holds one
+        p.cq_next = NULL
+        if e.cq_tail != NULL:
+            e.cq_tail.cq_next = p
+        else:
+            e.cq_head = p
+        e.cq_tail = p
+        e.st.completed += 1
+        any = True
+        p = nxt
+    c.pthread_mutex_unlock(&e.mu)
+    if any:
+        c.write(e.cq_efd, &one, 8)
+
+
+cdef void *engine_main(void *arg) noexcept nogil:
+    cdef Engine *e = <Engine *>arg
+    cdef c.epoll_event events[MAX_EVENTS]
+    cdef c.sigset_t all_signals
+    cdef int n, i, timeout
+    cdef uint64_t data
+    cdef bint commands
+    cdef bint stop = False
+    c.sigfillset(&all_signals)
+    c.pthread_sigmask(c.SIG_SETMASK, &all_signals, NULL)   # signals are Python's
+    while True:
+        e.now_ms = now_ms()
+        if e.next_scan_ms >= 0:
+            timeout = <int>(e.next_scan_ms - e.now_ms)
+            if timeout < 0:
+                timeout = 0
+        else:
+            timeout = -1
+        n = c.epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
+        e.now_ms = now_ms()
+        e.st.wakeups += 1
+        commands = False
+        for i in range(n):
+            data = events[i].data.u64
+            if data == 0:
+                commands = True
+            else:
+                on_event(e, <Pair *><uintptr_t>(data & ~(<uint64_t>1)), <int>(data & 1), events[i].events)
+        if commands:
+            stop = take_commands(e)
+        if e.next_scan_ms >= 0 and e.now_ms >= e.next_scan_ms:
+            scan_idle(e)
+        post_finished(e)
+        if stop and e.active == NULL:
+            # Pairs submitted after stop was set are refused by the Python side.
+            break
+    return NULL
+
+
+# -- Python side ----------------------------------------------------------------------
+
+_END = {
+    END_DONE: RelayEnd.DONE,
+    END_IDLE: RelayEnd.IDLE_TIMEOUT,
+    END_CLIENT_ERROR: RelayEnd.CLIENT_ERROR,
+    END_UPSTREAM_ERROR: RelayEnd.UPSTREAM_ERROR,
+    END_CANCELLED: RelayEnd.CANCELLED,
+}
+
+_splice_enabled = True
+
+
+def _set_splice(enabled):
+    """Test hook: when False, new pairs use the recv/send fallback in both directions."""
+    global _splice_enabled
+    _splice_enabled = bool(enabled)
+
+
+cdef class _Waiter:
+    cdef object loop
+    cdef object fut
+    cdef object result   # (up, down, ended, err) once the engine is done
+    cdef uintptr_t ptr
+
+
+cdef class _Engine:
+    cdef Engine *e
+    cdef bint running
+    cdef int pid
+    cdef dict waiting      # pair address -> _Waiter
+    cdef dict loops        # loop -> pairs outstanding on it
+
+    def __cinit__(self, int pipe_size=DEFAULT_PIPE_SIZE, int pool_cap=DEFAULT_POOL_CAP):
+        cdef c.epoll_event ev
+        cdef Engine *e = <Engine *>calloc(1, sizeof(Engine))
+        if e == NULL:
+            raise MemoryError()
+        self.e = e
+        self.waiting = {}
+        self.loops = {}
+        self.pid = os.getpid()
+        e.epfd = e.sq_efd = e.cq_efd = -1
+        e.next_scan_ms = -1
+        e.pipe_size = pipe_size
+        e.pool_cap = pool_cap
+        e.pool = <int *>malloc(sizeof(int) * 2 * (pool_cap + 1))
+        if e.pool == NULL:
+            raise MemoryError()
+        e.epfd = c.epoll_create1(c.EPOLL_CLOEXEC)
+        e.sq_efd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
+        e.cq_efd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
+        if e.epfd < 0 or e.sq_efd < 0 or e.cq_efd < 0:
+            raise OSError(c.errno, os.strerror(c.errno))
+        ev.events = c.EPOLLIN     # level-triggered: drained on every wake-up
+        ev.data.u64 = 0
+        if c.epoll_ctl(e.epfd, c.EPOLL_CTL_ADD, e.sq_efd, &ev) < 0:
+            raise OSError(c.errno, os.strerror(c.errno))
+        c.pthread_mutex_init(&e.mu, NULL)
+        if c.pthread_create(&e.thread, NULL, engine_main, e) != 0:
+            c.pthread_mutex_destroy(&e.mu)
+            raise OSError(_errno.EAGAIN, "cannot start the relay thread")
+        self.running = True
+
+    def __dealloc__(self):
+        # Only reached for an engine that was stopped (or never started).
+        cdef Engine *e = self.e
+        if e == NULL or self.running:
+            return
+        self.e = NULL
+        free(e.pool)
+        free(e)
+
+    cdef void _signal(self) noexcept:
+        cdef uint64_t one = 1
+        c.write(self.e.sq_efd, &one, 8)
+
+    cdef uintptr_t submit(self, int cfd, int ufd, bytes to_upstream, bytes to_client,
+                          object idle_timeout) except 0:
+        cdef Pair *p
+        cdef int k
+        cdef bytes early
+        if not self.running:
+            raise RuntimeError("the relay engine is stopped")
+        p = <Pair *>calloc(1, sizeof(Pair))
+        if p == NULL:
+            raise MemoryError()
+        p.fd[CLIENT] = cfd
+        p.fd[UPSTREAM] = ufd
+        for k in range(2):
+            p.d[k].pipe_r = p.d[k].pipe_w = -1
+            early = to_upstream if k == CLIENT else to_client
+            if early:
+                p.d[k].early = <char *>malloc(len(early))
+                if p.d[k].early == NULL:
+                    free(p.d[0].early)
+                    free(p)
+                    raise MemoryError()
+                memcpy(p.d[k].early, <char *>early, len(early))
+                p.d[k].early_len = len(early)
+        p.idle_ms = -1 if idle_timeout is None else max(0, <int64_t>(float(idle_timeout) * 1000.0 + 0.5))
+        p.force_copy = not _splice_enabled
+        p.refs = 2                # the engine's and ours
+        with nogil:
+            c.pthread_mutex_lock(&self.e.mu)
+            if self.e.sq_tail != NULL:
+                self.e.sq_tail.sq_next = p
+            else:
+                self.e.sq_head = p
+            self.e.sq_tail = p
+            self.e.st.submitted += 1
+            c.pthread_mutex_unlock(&self.e.mu)
+        self._signal()
+        return <uintptr_t>p
+
+    cdef void cancel(self, uintptr_t ptr) noexcept:
+        cdef Pair *p = <Pair *>ptr
+        cdef bint queued = False
+        with nogil:
+            c.pthread_mutex_lock(&self.e.mu)
+            if not p.posted and not p.cancel_queued:
+                p.cancel_queued = True
+                p.refs += 1
+                p.cancel_next = self.e.cancel_head
+                self.e.cancel_head = p
+                queued = True
+            c.pthread_mutex_unlock(&self.e.mu)
+        if queued:
+            self._signal()
+
+    def _drain(self):
+        """add_reader callback: collect finished pairs, resolve their futures."""
+        cdef uint64_t junk
+        cdef Pair *p
+        cdef Pair *nxt
+        cdef list done = []
+        c.read(self.e.cq_efd, &junk, 8)
+        with nogil:
+            c.pthread_mutex_lock(&self.e.mu)
+            p = self.e.cq_head
+            self.e.cq_head = self.e.cq_tail = NULL
+            c.pthread_mutex_unlock(&self.e.mu)
+        while p != NULL:
+            nxt = p.cq_next
+            # posted: the engine no longer writes to it; relay() releases it
+            done.append((<uintptr_t>p, p.d[0].bytes, p.d[1].bytes, p.ended, p.err))
+            p = nxt
+        for ptr, up, down, ended, err in done:
+            w = <_Waiter>self.waiting.pop(ptr, None)
+            if w is None:
+                continue
+            w.result = (up, down, ended, err)
+            _wake(w)
+
+    cdef void release(self, uintptr_t ptr) noexcept:
+        """Drop relay()'s reference to a posted pair."""
+        cdef Pair *p = <Pair *>ptr
+        with nogil:
+            c.pthread_mutex_lock(&self.e.mu)
+            p.refs -= 1
+            if p.refs == 0:
+                free(p)
+            c.pthread_mutex_unlock(&self.e.mu)
+
+    def watch(self, loop):
+        n = self.loops.get(loop, 0)
+        if n == 0:
+            loop.add_reader(self.e.cq_efd, self._drain)
+        self.loops[loop] = n + 1
+
+    def unwatch(self, loop):
+        n = self.loops.get(loop, 0) - 1
+        if n <= 0:
+            self.loops.pop(loop, None)
+            if not loop.is_closed():
+                loop.remove_reader(self.e.cq_efd)
+        else:
+            self.loops[loop] = n
+
+    def stop(self):
+        """Cancel what is running, stop the thread, release everything."""
+        cdef Engine *e = self.e
+        cdef int k
+        if not self.running:
+            return
+        with nogil:
+            c.pthread_mutex_lock(&e.mu)
+            e.stop = True
+            c.pthread_mutex_unlock(&e.mu)
+        self._signal()
+        with nogil:
+            c.pthread_join(e.thread, NULL)
+        self.running = False
+        if self.pid == os.getpid():
+            self._drain()
+        for k in range(2 * e.pool_n):
+            c.close(e.pool[k])
+        e.pool_n = 0
+        c.close(e.epfd)
+        c.close(e.sq_efd)
+        c.close(e.cq_efd)
+        c.pthread_mutex_destroy(&e.mu)
+
+    def stats(self):
+        cdef Stats s = self.e.st
+        return {
+            "pairs": s.submitted,
+            "completed": s.completed,
+            "active": s.active,
+            "pipes_in_use": s.pipes_in_use,
+            "pipes_pooled": self.e.pool_n,
+            "pipes_created": s.pipes_created,
+            "pipe_pool_cap": self.e.pool_cap,
+            "pipe_size": self.e.pipe_size,
+            "pipe_bytes_max": s.pipe_bytes_max,
+            "splice_bytes": s.splice_bytes,
+            "copy_bytes": s.copy_bytes,
+            "copy_directions": s.copy_directions,
+            "wakeups": s.wakeups,
+        }
+
+
+cdef _wake(_Waiter w):
+    fut = w.fut
+    if fut is None or fut.done():
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is w.loop:
+        fut.set_result(None)
+    elif not w.loop.is_closed():
+        w.loop.call_soon_threadsafe(_set_if_pending, fut)
+
+
+def _set_if_pending(fut):
+    if not fut.done():
+        fut.set_result(None)
+
+
+cdef _Engine _engine = None
+
+
+cdef _Engine _get_engine():
+    global _engine
+    if _engine is None or _engine.pid != os.getpid():
+        # (after a fork the parent's thread does not exist here: start afresh)
+        _engine = _Engine()
+    return _engine
+
+
+def _stop_engine():
+    global _engine
+    if _engine is not None and _engine.pid == os.getpid():
+        _engine.stop()
+    _engine = None
+
+
+atexit.register(_stop_engine)
+
+
+def stats():
+    """Counters of the engine (starting it if needed)."""
+    return _get_engine().stats()
+
+
+def _errname(int err):
+    return _errno.errorcode.get(err, str(err)) if err else ""
+
+
+async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeout):
+    """Relay bytes between two connected sockets until both directions end.
+
+    Takes ownership of both sockets: their fds are detached at once and closed
+    by the engine.
+    """
+    cdef _Engine eng
+    cdef _Waiter w
+    cdef int cfd, ufd
+    t0 = time.monotonic()
+    loop = asyncio.get_running_loop()
+    cfd = client.detach()
+    ufd = upstream.detach()
+    try:
+        eng = _get_engine()
+        for fd in (cfd, ufd):
+            os.set_blocking(fd, False)
+        w = _Waiter()
+        w.loop = loop
+        w.fut = loop.create_future()
+        w.ptr = eng.submit(cfd, ufd, bytes(to_upstream), bytes(to_client), idle_timeout)
+    except BaseException:
+        for fd in (cfd, ufd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        raise
+    eng.waiting[w.ptr] = w
+    eng.watch(loop)
+    cancelled = False
+    try:
+        try:
+            await w.fut
+        except asyncio.CancelledError:
+            cancelled = True
+            eng.cancel(w.ptr)
+            # The engine answers at once; wait for the final counts even if
+            # cancelled again meanwhile.
+            while w.result is None:
+                w.fut = loop.create_future()
+                try:
+                    await w.fut
+                except asyncio.CancelledError:
+                    pass
+    finally:
+        eng.unwatch(loop)
+        if w.result is not None:
+            eng.release(w.ptr)
+    up, down, ended, err = w.result
+    end = _END[ended]
+    if cancelled:
+        end = RelayEnd.CANCELLED
+    result = RelayResult(
+        bytes_up=up,
+        bytes_down=down,
+        seconds=time.monotonic() - t0,
+        ended=end,
+        error=_errname(err) if end in (RelayEnd.CLIENT_ERROR, RelayEnd.UPSTREAM_ERROR) else "",
+    )
+    if cancelled:
+        raise RelayCancelled(result)
+    return result

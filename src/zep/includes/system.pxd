@@ -1,0 +1,129 @@
+# C declarations used by the compiled relay engine (Linux only).
+#
+# Everything the engine calls outside libc's stdlib/string lives here, so the
+# engine itself reads like Python. Constants are taken from the system
+# headers at build time.
+
+from libc.stdint cimport uint32_t, uint64_t
+
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EAGAIN
+        EWOULDBLOCK
+        EINTR
+        EINVAL
+        ENOTCONN
+        ENOMEM
+
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    enum:
+        CLOCK_MONOTONIC
+    int clock_gettime(int clk_id, timespec *tp)
+
+
+cdef extern from "<unistd.h>" nogil:
+    ctypedef long ssize_t
+    int close(int fd)
+    ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
+    int pipe2(int pipefd[2], int flags)
+
+
+cdef extern from "<fcntl.h>" nogil:
+    ctypedef long long loff_t
+    enum:
+        F_GETFL
+        F_SETFL
+        F_SETPIPE_SZ
+        F_GETPIPE_SZ
+        O_NONBLOCK
+        O_CLOEXEC
+        SPLICE_F_MOVE
+        SPLICE_F_NONBLOCK
+    int fcntl(int fd, int cmd, ...)
+    ssize_t splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_out,
+                   size_t len, unsigned int flags)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    enum:
+        SOL_SOCKET
+        SO_ERROR
+        SO_LINGER
+        SHUT_WR
+        MSG_NOSIGNAL
+        MSG_DONTWAIT
+    struct linger:
+        int l_onoff
+        int l_linger
+    ssize_t recv(int sockfd, void *buf, size_t len, int flags)
+    ssize_t send(int sockfd, const void *buf, size_t len, int flags)
+    int shutdown(int sockfd, int how)
+    int getsockopt(int sockfd, int level, int optname, void *optval, socklen_t *optlen)
+    int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLRDHUP
+        EPOLLET
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+    union epoll_data:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    ctypedef epoll_data epoll_data_t
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+    int eventfd(unsigned int initval, int flags)
+
+
+cdef extern from "<signal.h>" nogil:
+    ctypedef struct sigset_t:
+        pass
+    enum:
+        SIG_SETMASK
+    int sigfillset(sigset_t *set)
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_attr_t:
+        pass
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
+                       void *(*start_routine)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+    int pthread_sigmask(int how, const sigset_t *set, sigset_t *oldset)
+    int pthread_mutex_init(pthread_mutex_t *mutex, const pthread_mutexattr_t *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)

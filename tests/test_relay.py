@@ -1,0 +1,735 @@
+"""The relay contract (DESIGN.md section 3), run against both implementations.
+
+Every test drives real sockets (loopback TCP or socketpairs). The ends the
+relay does not own ("the client app" and "the upstream server") are driven
+from the same event loop with the loop's sock_* helpers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import socket
+import struct
+import sys
+
+import pytest
+import uvloop
+
+from zep.relay_result import RelayCancelled, RelayEnd, RelayResult
+
+MiB = 1024 * 1024
+
+
+# -- implementations -----------------------------------------------------------
+
+
+def load(name: str):
+    """The relay module for an implementation name. The compiled engine must be
+    present unless ZEP_NO_EXTENSIONS says it is deliberately not built: a
+    missing build fails, it is not skipped."""
+    if name == "python":
+        import zep._relay_py as mod
+
+        return mod
+    if os.environ.get("ZEP_NO_EXTENSIONS"):
+        pytest.skip("ZEP_NO_EXTENSIONS is set: the compiled relay is not expected")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the compiled relay is Linux only")
+    try:
+        import zep._relay as mod
+    except ImportError as exc:
+        pytest.fail(f"compiled relay not importable (build it, or set ZEP_NO_EXTENSIONS): {exc}")
+    return mod
+
+
+@pytest.fixture(params=["cython", "python"])
+def impl(request):
+    """The relay under test, once per implementation."""
+    return load(request.param)
+
+
+@pytest.fixture
+def engine():
+    """The compiled engine, for tests of its internals (pipes, copy fallback)."""
+    return load("cython")
+
+
+def run(coro):
+    """Run a test coroutine on uvloop (what the server uses)."""
+    return uvloop.run(asyncio.wait_for(coro, 20))
+
+
+# -- socket helpers ------------------------------------------------------------
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected loopback TCP pair (non-blocking)."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+    for s in (a, b):
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return a, b
+
+
+def unix_pair(kind: int = socket.SOCK_STREAM) -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, kind)
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+class Pair:
+    """app <-> [client | relay | upstream] <-> server"""
+
+    def __init__(self, make=tcp_pair):
+        self.app, self.client = make()
+        self.upstream, self.server = make()
+
+    def close_ends(self):
+        for s in (self.app, self.server):
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+async def send_all(sock, data: bytes, *, eof: bool = True, chunk: int = 256 * 1024):
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    for i in range(0, len(view), chunk):
+        await loop.sock_sendall(sock, view[i : i + chunk])
+    if eof:
+        sock.shutdown(socket.SHUT_WR)
+
+
+async def recv_all(sock) -> tuple[int, str]:
+    """Read to EOF; return (length, sha256)."""
+    loop = asyncio.get_running_loop()
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        b = await loop.sock_recv(sock, 1 << 20)
+        if not b:
+            return n, h.hexdigest()
+        h.update(b)
+        n += len(b)
+
+
+async def recv_exact(sock, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    while len(buf) < n:
+        b = await loop.sock_recv(sock, n - len(buf))
+        if not b:
+            break
+        buf += b
+    return bytes(buf)
+
+
+async def recv_until_end(sock) -> tuple[bytes, BaseException | None]:
+    """Read until EOF or an error; return what came and the error (None on EOF)."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    while True:
+        try:
+            b = await loop.sock_recv(sock, 1 << 16)
+        except OSError as exc:
+            return bytes(buf), exc
+        if not b:
+            return bytes(buf), None
+        buf += b
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def reset_close(sock):
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+# -- transfers -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [tcp_pair, unix_pair], ids=["tcp", "unix"])
+def test_large_transfer_both_ways(impl, make):
+    up = os.urandom(MiB) * 64 + os.urandom(12345)  # >= 64 MiB, not chunk-aligned
+    down = os.urandom(MiB) * 16 + os.urandom(777)
+
+    async def main():
+        p = Pair(make)
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=30))
+        res = await asyncio.gather(
+            send_all(p.app, up), recv_all(p.server), send_all(p.server, down), recv_all(p.app)
+        )
+        r = await t
+        p.close_ends()
+        return r, res
+
+    r, (_, got_up, _, got_down) = run(main())
+    assert got_up == (len(up), sha(up))
+    assert got_down == (len(down), sha(down))
+    assert r == RelayResult(len(up), len(down), r.seconds, RelayEnd.DONE, "")
+    assert r.seconds > 0
+
+
+@pytest.mark.parametrize("size_up,size_down", [(0, 0), (1, 0), (0, 1), (1, 1), (100, 3)])
+def test_tiny_transfers(impl, size_up, size_down):
+    up, down = os.urandom(size_up), os.urandom(size_down)
+
+    async def main():
+        p = Pair()
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=30))
+        res = await asyncio.gather(
+            send_all(p.app, up), recv_all(p.server), send_all(p.server, down), recv_all(p.app)
+        )
+        r = await t
+        p.close_ends()
+        return r, res
+
+    r, (_, got_up, _, got_down) = run(main())
+    assert got_up == (len(up), sha(up))
+    assert got_down == (len(down), sha(down))
+    assert (r.bytes_up, r.bytes_down, r.ended) == (size_up, size_down, RelayEnd.DONE)
+
+
+def test_default_asyncio_loop(impl):
+    """The relay also works on the stock asyncio loop."""
+    data = os.urandom(4 * MiB + 1)
+
+    async def main():
+        p = Pair()
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, to_upstream=b"hi", idle_timeout=30))
+        res = await asyncio.gather(send_all(p.app, data), recv_all(p.server), send_all(p.server, b""), recv_all(p.app))
+        r = await t
+        p.close_ends()
+        return r, res
+
+    r, res = asyncio.run(main())
+    assert res[1] == (len(data) + 2, sha(b"hi" + data))
+    assert r.ended is RelayEnd.DONE and r.bytes_up == len(data) + 2
+
+
+def test_many_concurrent_pairs(impl):
+    n = 200
+
+    async def one(i):
+        p = Pair(tcp_pair if i % 2 else unix_pair)
+        up = os.urandom((i * 7919) % 70000)
+        down = os.urandom((i * 104729) % 50000)
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=30))
+        res = await asyncio.gather(
+            send_all(p.app, up), recv_all(p.server), send_all(p.server, down), recv_all(p.app)
+        )
+        r = await t
+        p.close_ends()
+        assert res[1] == (len(up), sha(up))
+        assert res[3] == (len(down), sha(down))
+        assert (r.bytes_up, r.bytes_down, r.ended) == (len(up), len(down), RelayEnd.DONE)
+
+    async def main():
+        await asyncio.gather(*(one(i) for i in range(n)))
+
+    run(main())
+
+
+def test_early_bytes_go_first(impl):
+    async def main():
+        p = Pair()
+        # Both ends have already sent data before the relay starts: the early
+        # bytes must still come out first.
+        p.app.send(b"from-app")
+        p.server.send(b"from-server")
+        await asyncio.sleep(0.01)
+        t = asyncio.ensure_future(
+            impl.relay(p.client, p.upstream, to_upstream=b"EARLY-UP|", to_client=b"EARLY-DOWN|", idle_timeout=30)
+        )
+        p.app.shutdown(socket.SHUT_WR)
+        p.server.shutdown(socket.SHUT_WR)
+        got_server, got_app = await asyncio.gather(recv_until_end(p.server), recv_until_end(p.app))
+        r = await t
+        p.close_ends()
+        return r, got_server, got_app
+
+    r, got_server, got_app = run(main())
+    assert got_server == (b"EARLY-UP|from-app", None)
+    assert got_app == (b"EARLY-DOWN|from-server", None)
+    assert (r.bytes_up, r.bytes_down, r.ended) == (17, 22, RelayEnd.DONE)
+
+
+def test_large_early_bytes_with_slow_peer(impl):
+    """Early bytes larger than any socket buffer still arrive whole, in order."""
+    early = os.urandom(8 * MiB)
+
+    async def main():
+        p = Pair()
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, to_upstream=early, idle_timeout=30))
+        await asyncio.sleep(0.05)  # the server is not reading yet
+        res = await asyncio.gather(send_all(p.app, b"tail"), recv_all(p.server), send_all(p.server, b""), recv_all(p.app))
+        r = await t
+        p.close_ends()
+        return r, res
+
+    r, res = run(main())
+    assert res[1] == (len(early) + 4, sha(early + b"tail"))
+    assert r.bytes_up == len(early) + 4 and r.ended is RelayEnd.DONE
+
+
+# -- half-close ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", ["app", "server"])
+def test_half_close(impl, first):
+    """EOF from one end reaches the other as EOF while the reverse direction
+    keeps working; the relay ends only when both directions are done."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        p = Pair()
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=30))
+        closer, other = (p.app, p.server) if first == "app" else (p.server, p.app)
+        await loop.sock_sendall(closer, b"request")
+        closer.shutdown(socket.SHUT_WR)
+        got, err = await recv_until_end(other)  # EOF arrives on the other end
+        assert (got, err) == (b"request", None)
+        assert not t.done()
+        # The reverse direction still flows after the half-close.
+        reply = os.urandom(3 * MiB)
+        await asyncio.gather(send_all(other, reply), recv_all(closer))
+        r = await t
+        got_back = None
+        p.close_ends()
+        return r, reply, got_back
+
+    r, reply, _ = run(main())
+    assert r.ended is RelayEnd.DONE
+    if first == "app":
+        assert (r.bytes_up, r.bytes_down) == (7, len(reply))
+    else:
+        assert (r.bytes_up, r.bytes_down) == (len(reply), 7)
+
+
+def test_half_close_reply_content(impl):
+    async def main():
+        loop = asyncio.get_running_loop()
+        p = Pair()
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=30))
+        await loop.sock_sendall(p.app, b"ping")
+        p.app.shutdown(socket.SHUT_WR)
+        assert await recv_until_end(p.server) == (b"ping", None)
+        await loop.sock_sendall(p.server, b"pong after eof")
+        p.server.shutdown(socket.SHUT_WR)
+        got = await recv_until_end(p.app)
+        r = await t
+        p.close_ends()
+        return got, r
+
+    got, r = run(main())
+    assert got == (b"pong after eof", None)
+    assert r.ended is RelayEnd.DONE
+
+
+# -- errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("who", ["upstream", "client"])
+def test_reset_mid_transfer_is_classified_and_propagated(impl, who):
+    async def main():
+        loop = asyncio.get_running_loop()
+        p = Pair()
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=30))
+        resetter, victim = (p.server, p.app) if who == "upstream" else (p.app, p.server)
+        # Data flowing towards the resetter, which never reads it, and a bit
+        # from it; then it resets.
+        await loop.sock_sendall(resetter, b"x" * 1000)
+        assert await recv_exact(victim, 1000) == b"x" * 1000
+        await loop.sock_sendall(victim, b"y" * 5000)
+        await asyncio.sleep(0.05)
+        reset_close(resetter)
+        got, err = await recv_until_end(victim)
+        r = await t
+        p.close_ends()
+        return r, err
+
+    r, err = run(main())
+    want = RelayEnd.UPSTREAM_ERROR if who == "upstream" else RelayEnd.CLIENT_ERROR
+    assert r.ended is want
+    assert r.error in ("ECONNRESET", "EPIPE")
+    # The reset reaches the other end as a reset, not as a clean EOF.
+    assert isinstance(err, ConnectionResetError), err
+    if who == "upstream":
+        assert r.bytes_down == 1000
+    else:
+        assert r.bytes_up == 1000
+
+
+def test_upstream_reset_before_any_byte(impl):
+    """What the server uses to tell 'upstream refused us' from a real session."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        p = Pair()
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, to_upstream=b"GET / HTTP/1.1\r\n\r\n", idle_timeout=30))
+        await loop.sock_sendall(p.app, b"more")
+        reset_close(p.server)
+        got, err = await recv_until_end(p.app)
+        r = await t
+        p.close_ends()
+        return r, got, err
+
+    r, got, err = run(main())
+    assert r.ended is RelayEnd.UPSTREAM_ERROR
+    assert r.bytes_down == 0 and got == b""
+    assert isinstance(err, ConnectionResetError)
+
+
+def test_client_reset_before_start(impl):
+    async def main():
+        p = Pair()
+        reset_close(p.app)
+        await asyncio.sleep(0.01)
+        r = await impl.relay(p.client, p.upstream, to_client=b"hello", idle_timeout=30)
+        got, err = await recv_until_end(p.server)
+        p.close_ends()
+        return r, err
+
+    r, err = run(main())
+    assert r.ended is RelayEnd.CLIENT_ERROR
+    assert isinstance(err, ConnectionResetError)
+
+
+# -- backpressure ------------------------------------------------------------------
+
+
+def _absorbed(impl, direction: str) -> int:
+    """Push into one end while the far end does not read; return how many bytes
+    the pipeline swallowed once it stopped taking more."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        p = Pair(unix_pair)
+        # Small, fixed kernel buffers so what we measure is mostly the relay.
+        for s in (p.app, p.client, p.upstream, p.server):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=30))
+        src, dst = (p.server, p.app) if direction == "down" else (p.app, p.server)
+        block = os.urandom(64 * 1024)
+        h = hashlib.sha256()
+        sent = 0
+        quiet = 0
+        while quiet < 20:  # no progress for a while: the pipeline is full
+            try:
+                n = src.send(block)
+            except BlockingIOError:
+                quiet += 1
+                await asyncio.sleep(0.02)
+                continue
+            h.update(block[:n])
+            sent += n
+            quiet = 0
+            if sent > 256 * MiB:
+                break
+        stats = impl.stats() if hasattr(impl, "stats") else None
+        # Now drain: everything swallowed comes out intact.
+        src.shutdown(socket.SHUT_WR)
+        dst.shutdown(socket.SHUT_WR)
+        got = await recv_all(dst)
+        r = await t
+        p.close_ends()
+        assert got == (sent, h.hexdigest())
+        return sent, stats
+
+    return run(main())
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_slow_reader_bounded_memory(impl, direction):
+    sent, stats = _absorbed(impl, direction)
+    # Kernel socket buffers (4 x 64 KiB, doubled by the kernel) plus what the
+    # relay holds for one direction: a few MiB at most, never the stream.
+    assert sent < 8 * MiB, sent
+    if stats is not None:
+        assert stats["pipe_bytes_max"] <= stats["pipe_size"] * 2
+
+
+# -- idle timeout ------------------------------------------------------------------
+
+
+def test_idle_timeout(impl):
+    async def main():
+        loop = asyncio.get_running_loop()
+        p = Pair()
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, to_upstream=b"hi", idle_timeout=0.3))
+        assert await recv_exact(p.server, 2) == b"hi"
+        r = await t
+        # Both ends see the pair go away.
+        got_app = await recv_until_end(p.app)
+        got_srv = await recv_until_end(p.server)
+        p.close_ends()
+        return r, got_app, got_srv
+
+    r, got_app, got_srv = run(main())
+    assert r.ended is RelayEnd.IDLE_TIMEOUT
+    assert (r.bytes_up, r.bytes_down) == (2, 0)
+    assert got_app[0] == b"" and got_srv[0] == b""
+
+
+def test_traffic_keeps_pair_alive(impl):
+    async def main():
+        loop = asyncio.get_running_loop()
+        p = Pair()
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=1.0))
+        for i in range(15):  # 1.5 s in total, never 1 s without a byte
+            await asyncio.sleep(0.1)
+            await loop.sock_sendall(p.app if i % 2 else p.server, b"k")
+        assert not t.done()
+        p.app.shutdown(socket.SHUT_WR)
+        p.server.shutdown(socket.SHUT_WR)
+        r = await t
+        p.close_ends()
+        return r
+
+    r = run(main())
+    assert r.ended is RelayEnd.DONE
+    assert r.bytes_up + r.bytes_down == 15
+
+
+def test_no_idle_timeout(impl):
+    async def main():
+        p = Pair()
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=None))
+        await asyncio.sleep(0.3)
+        assert not t.done()
+        p.app.shutdown(socket.SHUT_WR)
+        p.server.shutdown(socket.SHUT_WR)
+        r = await t
+        p.close_ends()
+        return r
+
+    assert run(main()).ended is RelayEnd.DONE
+
+
+# -- cancellation --------------------------------------------------------------------
+
+
+def test_cancel_closes_pair_and_reports_counts(impl):
+    async def main():
+        loop = asyncio.get_running_loop()
+        p = Pair()
+        client, upstream = p.client, p.upstream
+        t = asyncio.ensure_future(impl.relay(client, upstream, to_client=b"ab", idle_timeout=None))
+        await loop.sock_sendall(p.app, b"u" * 100)
+        assert await recv_exact(p.server, 100) == b"u" * 100
+        assert await recv_exact(p.app, 2) == b"ab"
+        await loop.sock_sendall(p.server, b"d" * 10)
+        assert await recv_exact(p.app, 10) == b"d" * 10
+        t.cancel()
+        with pytest.raises(RelayCancelled) as info:
+            await t
+        # Both ends see the pair go away promptly.
+        end_app = await recv_until_end(p.app)
+        end_srv = await recv_until_end(p.server)
+        closed = client.fileno() == -1 and upstream.fileno() == -1
+        p.close_ends()
+        return info.value, end_app, end_srv, closed
+
+    exc, end_app, end_srv, closed = run(main())
+    assert isinstance(exc, asyncio.CancelledError)
+    assert exc.result.ended is RelayEnd.CANCELLED
+    assert (exc.result.bytes_up, exc.result.bytes_down) == (100, 12)
+    assert end_app[0] == b"" and end_srv[0] == b""
+    assert closed
+
+
+def test_cancel_many_with_traffic(impl):
+    """Cancel pairs in the middle of bulk transfers: every one ends, fds come back."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        pairs = [Pair() for _ in range(20)]
+
+        async def guarded(p):
+            # The way a caller gets the counts: catch RelayCancelled inside the
+            # cancelled coroutine (a Task's stored exception may be replaced).
+            try:
+                return await impl.relay(p.client, p.upstream, idle_timeout=None)
+            except RelayCancelled as exc:
+                return exc
+
+        tasks = [asyncio.ensure_future(guarded(p)) for p in pairs]
+        blasts = [asyncio.ensure_future(send_all(p.app, os.urandom(MiB) * 16)) for p in pairs]
+        for p in pairs:  # something is flowing on each
+            await recv_exact(p.server, 1000)
+        for t in tasks:
+            t.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for b in blasts:
+            b.cancel()
+        await asyncio.gather(*blasts, return_exceptions=True)
+        for p in pairs:
+            p.close_ends()
+        return results
+
+    base = fd_count()
+    results = run(main())
+    assert all(isinstance(r, RelayCancelled) for r in results), results
+    assert all(r.result.bytes_up >= 1000 for r in results)
+    assert fd_count() <= base
+
+
+# -- resources ------------------------------------------------------------------------
+
+
+def test_fds_back_to_baseline(impl):
+    async def warm():
+        p = Pair()
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=30))
+        await asyncio.gather(send_all(p.app, b"w"), send_all(p.server, b"w"), recv_all(p.app), recv_all(p.server))
+        await t
+        p.close_ends()
+
+    async def many():
+        async def one(i):
+            p = Pair()
+            t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=30))
+            data = os.urandom(200_000)
+            await asyncio.gather(send_all(p.app, data), send_all(p.server, data), recv_all(p.app), recv_all(p.server))
+            await t
+            p.close_ends()
+
+        await asyncio.gather(*(one(i) for i in range(100)))
+
+    run(warm())  # starts the engine (its own fds are not per pair)
+    base = fd_count()
+    run(many())
+    assert fd_count() == base
+
+
+def test_sockets_closed_exactly_once(impl):
+    """The relay closes both fds, and never closes a number again later (which
+    would hit whatever reused it)."""
+
+    async def main():
+        p = Pair()
+        fds = (p.client.fileno(), p.upstream.fileno())
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=30))
+        await asyncio.gather(send_all(p.app, b"a"), send_all(p.server, b"b"), recv_all(p.app), recv_all(p.server))
+        await t
+        assert p.client.fileno() == -1 and p.upstream.fileno() == -1
+        assert not any(fd_is_open(fd) for fd in fds)
+        # Reuse those numbers, then run more pairs to completion: a late second
+        # close would close our pipes.
+        pipes = [os.pipe() for _ in range(4)]
+        for _ in range(5):
+            q = Pair()
+            t = asyncio.ensure_future(impl.relay(q.client, q.upstream, idle_timeout=30))
+            await asyncio.gather(send_all(q.app, b"a"), send_all(q.server, b"b"), recv_all(q.app), recv_all(q.server))
+            await t
+            q.close_ends()
+        await asyncio.sleep(0.05)
+        alive = all(fd_is_open(fd) for pr in pipes for fd in pr)
+        for pr in pipes:
+            for fd in pr:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        p.close_ends()
+        return alive
+
+    assert run(main())
+
+
+# -- the compiled engine only ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [tcp_pair, unix_pair], ids=["tcp", "unix"])
+def test_copy_fallback_forced(engine, make):
+    """The recv/send fallback (used where splice says EINVAL), forced by the test hook."""
+    up = os.urandom(MiB) * 20 + b"end"
+    down = os.urandom(3 * MiB)
+    before = engine.stats()
+
+    async def main():
+        p = Pair(make)
+        t = asyncio.ensure_future(engine.relay(p.client, p.upstream, to_upstream=b"E", idle_timeout=30))
+        res = await asyncio.gather(send_all(p.app, up), recv_all(p.server), send_all(p.server, down), recv_all(p.app))
+        r = await t
+        p.close_ends()
+        return r, res
+
+    engine._set_splice(False)
+    try:
+        r, res = run(main())
+    finally:
+        engine._set_splice(True)
+    after = engine.stats()
+    assert res[1] == (len(up) + 1, sha(b"E" + up))
+    assert res[3] == (len(down), sha(down))
+    assert r.ended is RelayEnd.DONE
+    assert after["copy_directions"] - before["copy_directions"] == 2
+
+
+def test_seqpacket_pair(engine):
+    """A socket type splice may refuse: whatever the kernel says, bytes arrive."""
+    data = [os.urandom(1000) for _ in range(200)]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        app, client = unix_pair(socket.SOCK_SEQPACKET)
+        upstream, server = unix_pair(socket.SOCK_SEQPACKET)
+        t = asyncio.ensure_future(engine.relay(client, upstream, idle_timeout=30))
+        for d in data:
+            await loop.sock_sendall(app, d)
+        app.shutdown(socket.SHUT_WR)
+        server.shutdown(socket.SHUT_WR)
+        got = await recv_until_end(server)
+        r = await t
+        app.close()
+        server.close()
+        return r, got
+
+    r, got = run(main())
+    assert got == (b"".join(data), None)
+    assert r.ended is RelayEnd.DONE and r.bytes_up == 200_000
+
+
+def test_idle_pairs_hold_no_pipe(engine):
+    async def main():
+        loop = asyncio.get_running_loop()
+        pairs = [Pair() for _ in range(50)]
+        tasks = [asyncio.ensure_future(engine.relay(p.client, p.upstream, idle_timeout=None)) for p in pairs]
+        # Some traffic on each, fully delivered, then quiet.
+        for p in pairs:
+            await loop.sock_sendall(p.app, b"x" * 100_000)
+            await recv_exact(p.server, 100_000)
+        await asyncio.sleep(0.05)
+        s = engine.stats()
+        for p in pairs:
+            p.app.shutdown(socket.SHUT_WR)
+            p.server.shutdown(socket.SHUT_WR)
+        await asyncio.gather(*tasks)
+        for p in pairs:
+            p.close_ends()
+        return s
+
+    s = run(main())
+    assert s["pairs"] >= 50
+    assert s["pipes_in_use"] == 0
+    assert s["pipes_pooled"] <= s["pipe_pool_cap"]
