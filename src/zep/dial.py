@@ -79,6 +79,8 @@ class DirectDialer:
             raise DialError(Failure.TIMEOUT, f"connect to {host}:{port} timed out after {timeout:g}s") from None
         except socket.gaierror as exc:
             raise DialError(Failure.HOST_UNREACHABLE, f"cannot resolve {host}: {exc.strerror}") from None
+        except UnicodeError:
+            raise DialError(Failure.HOST_UNREACHABLE, f"cannot resolve {host}: not a valid host name") from None
         except OSError as exc:
             raise DialError(failure_for_os_error(exc), f"connect to {host}:{port} failed: {exc.strerror or exc}") from None
         return Upstream(sock, "direct")

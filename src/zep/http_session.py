@@ -171,6 +171,10 @@ async def _tunnel(session: Session, head: RequestHead, early: bytes) -> None:
     await session.relay(upstream.sock, upstream.route, to_upstream=early)
 
 
+class _UpstreamSendFailed(Exception):
+    pass
+
+
 async def _forward(session: Session, head: RequestHead, requests: EventStream, upstreams: UpstreamPool) -> bool:
     """Forward one request and its response; True when the client connection stays open."""
     loop = asyncio.get_running_loop()
@@ -180,7 +184,10 @@ async def _forward(session: Session, head: RequestHead, requests: EventStream, u
         return False
 
     async def to_upstream(data: bytes) -> None:
-        await loop.sock_sendall(upstream.sock, data)
+        try:
+            await loop.sock_sendall(upstream.sock, data)
+        except OSError as exc:
+            raise _UpstreamSendFailed(exc.strerror or str(exc)) from None
         record.up += len(data)
 
     try:
@@ -200,9 +207,9 @@ async def _forward(session: Session, head: RequestHead, requests: EventStream, u
             elif isinstance(event, MessageEnd):
                 await to_upstream(httpproxy.end_of_body(head.chunked))
                 break
-    except OSError as exc:
+    except _UpstreamSendFailed as exc:
         upstreams.drop()
-        await _refuse(session, 502, f"upstream {record.target} failed while sending the request: {exc}", "upstream-error")
+        await _refuse(session, 502, f"upstream {record.target} failed while receiving the request: {exc}", "upstream-error")
         return False
     return await _relay_response(session, head, upstreams)
 
@@ -211,46 +218,43 @@ async def _relay_response(session: Session, head: RequestHead, upstreams: Upstre
     """Copy the upstream's response to the client; True when both may keep their connections."""
     assert upstreams.current is not None
     record = session.record
-    reader = httpproxy.ResponseReader(head.method)
+    reader = httpproxy.ResponseReader(head.method, session.ctx.settings.max_head_bytes)
     responses: EventStream[object] = EventStream(upstreams.current.sock, reader.feed, reader.feed_eof)
     final: ResponseHead | None = None
     keep_alive = False
-    try:
-        while True:
+    while True:
+        try:
             event = await responses.next()
-            if event is None or isinstance(event, BadMessage):
-                reason = event.reason if isinstance(event, BadMessage) else "upstream closed before a complete response"
-                upstreams.drop()
-                if final is None:
-                    await _refuse(session, 502, reason, "upstream-error")
-                else:
-                    record.outcome = "upstream-error"
-                    record.detail = reason
-                return False
-            if isinstance(event, ResponseHead):
-                if event.status >= 200:
-                    final = event
-                    keep_alive = head.keep_alive and httpproxy.framed(event)
-                data = event.serialize(keep_alive=keep_alive if final is event else True)
-            elif isinstance(event, BodyChunk):
-                assert final is not None
-                data = httpproxy.encode_body(event.data, final.chunked)
+        except OSError as exc:
+            event = BadMessage(502, f"upstream {record.target} failed: {exc.strerror or exc}")
+        if event is None:
+            event = BadMessage(502, f"upstream {record.target} closed before a complete response")
+        if isinstance(event, BadMessage):
+            upstreams.drop()
+            if final is None:
+                await _refuse(session, 502, event.reason, "upstream-error")
+            else:  # the client has the head already: all that is left is to cut it short
+                record.outcome = "upstream-error"
+                record.detail = event.reason
+            return False
+        if isinstance(event, ResponseHead):
+            if event.status >= 200:
+                final = event
+                keep_alive = head.keep_alive and not event.close_delimited
+                data = event.serialize(keep_alive=keep_alive)
             else:
-                if final is None:
-                    continue  # the end of an interim (1xx) response
-                data = httpproxy.end_of_body(final.chunked)
-            await session.send(data)
-            record.down += len(data)
-            if isinstance(event, MessageEnd):
-                break
-    except OSError as exc:
-        upstreams.drop()
-        if final is None:
-            await _refuse(session, 502, f"upstream {record.target} failed: {exc}", "upstream-error")
+                data = event.serialize(keep_alive=True)
+        elif isinstance(event, BodyChunk):
+            assert final is not None
+            data = httpproxy.encode_body(event.data, final.chunked)
+        elif final is None:
+            continue  # the end of an interim (1xx) response
         else:
-            record.outcome = "upstream-error"
-            record.detail = str(exc)
-        return False
+            data = httpproxy.end_of_body(final.chunked)
+        await session.send(data)
+        record.down += len(data)
+        if final is not None and isinstance(event, MessageEnd):
+            break
     if not final.keep_alive or responses.has_pending:
         upstreams.drop()
     return keep_alive
