@@ -1,0 +1,257 @@
+"""The container image cannot be built here, so check what can be checked without Docker: the
+Dockerfile parses, copies files that exist and that .dockerignore lets through, runs without root,
+keeps the original variables working, and its HEALTHCHECK command really tells a live zep from
+a dead one."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.zepproc import start_zep
+from zep.config import ENVIRONMENT
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Instruction:
+    keyword: str
+    value: str
+    line: int
+
+    def flags_and_args(self) -> tuple[dict[str, str], list[str]]:
+        """`--from=build a b` -> ({"from": "build"}, ["a", "b"]); exec (JSON) form is decoded."""
+        words = shlex.split(self.value)
+        flags = {}
+        while words and words[0].startswith("--"):
+            name, _, value = words.pop(0)[2:].partition("=")
+            flags[name] = value
+        return flags, words
+
+    def exec_form(self) -> list[str] | None:
+        text = self.value
+        if self.keyword == "HEALTHCHECK":
+            text = text.split("CMD", 1)[1] if "CMD" in text else ""
+        text = text.strip()
+        return json.loads(text) if text.startswith("[") else None
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+
+def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
+    """A small parser for the subset a plain Dockerfile uses: comments, line continuations, stages."""
+    args: dict[str, str] = {}
+    stages: list[Stage] = []
+    logical, start = "", 0
+    for number, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if not logical and (not stripped or stripped.startswith("#")):
+            continue
+        if logical and stripped.startswith("#"):
+            continue
+        if not logical:
+            start = number
+        if stripped.endswith("\\"):
+            logical += stripped[:-1] + " "
+            continue
+        logical += stripped
+        keyword, _, value = logical.partition(" ")
+        instruction = Instruction(keyword.upper(), value.strip(), start)
+        logical = ""
+        if instruction.keyword == "FROM":
+            words = instruction.value.split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(words[0], name))
+        elif instruction.keyword == "ARG" and not stages:
+            name, _, default = instruction.value.partition("=")
+            args[name] = default
+        else:
+            assert stages, f"line {start}: {instruction.keyword} before FROM"
+            stages[-1].instructions.append(instruction)
+    assert not logical, "the Dockerfile ends inside a continued line"
+    return args, stages
+
+
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last matching pattern wins; `!` re-includes; a directory match covers its contents."""
+    excluded = False
+    parts = path.split("/")
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        pattern = pattern[1:] if negated else pattern
+        pattern = pattern.rstrip("/")
+        prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+        regex_pattern = pattern.replace("**/", "*")  # fnmatch's * already crosses '/'
+        if any(fnmatch.fnmatchcase(prefix, regex_pattern) for prefix in prefixes):
+            excluded = not negated
+    return excluded
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> tuple[dict[str, str], list[Stage]]:
+    return parse_dockerfile((ROOT / "Dockerfile").read_text())
+
+
+@pytest.fixture(scope="module")
+def ignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def final(dockerfile) -> Stage:
+    return dockerfile[1][-1]
+
+
+def test_multi_stage_with_a_slim_python_final_image(dockerfile) -> None:
+    args, stages = dockerfile
+    assert len(stages) >= 2
+    assert stages[0].name == "build"
+    base = final(dockerfile).base.replace("${PYTHON_VERSION}", args.get("PYTHON_VERSION", ""))
+    assert base.startswith("python:3.") and "-slim" in base
+    assert tuple(int(x) for x in args["PYTHON_VERSION"].split(".")) >= (3, 11)
+
+
+def test_copied_sources_exist_and_reach_the_build_context(dockerfile, ignore_patterns: list[str]) -> None:
+    stage_names = {stage.name for stage in dockerfile[1] if stage.name}
+    copied = 0
+    for stage in dockerfile[1]:
+        for instruction in stage.all("COPY") + stage.all("ADD"):
+            flags, words = instruction.flags_and_args()
+            sources = words[:-1]
+            if "from" in flags:
+                assert flags["from"] in stage_names, f"line {instruction.line}: unknown stage {flags['from']}"
+                continue
+            for source in sources:
+                matches = list(ROOT.glob(source))
+                assert matches, f"line {instruction.line}: COPY source {source} does not exist"
+                for match in matches:
+                    relative = match.relative_to(ROOT).as_posix()
+                    assert not dockerignore_excludes(relative, ignore_patterns), f"{relative} is in .dockerignore"
+                    copied += 1
+    assert copied >= 4
+
+
+def test_dockerignore_keeps_the_context_small(ignore_patterns: list[str]) -> None:
+    for path in (".git/config", "tests/conftest.py", "benchmarks/report.py", "build/lib/zep/x.py",
+                 "src/zep/__pycache__/cli.cpython-311.pyc", "src/zep/_relay.c", "src/zep/_relay.cpython-311-x86_64-linux-gnu.so"):
+        assert dockerignore_excludes(path, ignore_patterns), path
+    for path in ("pyproject.toml", "setup.py", "README.md", "src/zep/cli.py", "src/zep/_relay.pyx",
+                 "src/zep/includes/system.pxd"):
+        assert not dockerignore_excludes(path, ignore_patterns), path
+
+
+def test_build_stage_builds_the_compiled_relay_and_the_ziti_extra(dockerfile) -> None:
+    build = dockerfile[1][0]
+    runs = " ".join(i.value for i in build.all("RUN"))
+    assert "pip wheel" in runs and '".[ziti]"' in runs and "zep/_relay" in runs
+    assert "gcc" in runs
+
+
+def test_final_stage_installs_the_wheel_with_the_ziti_extra_and_no_compiler(dockerfile) -> None:
+    runs = " ".join(i.value for i in final(dockerfile).all("RUN"))
+    assert "--no-index" in runs and "ziti-edge-proxy[ziti]" in runs
+    assert "gcc" not in runs and "apt-get install" not in runs
+
+
+def test_runs_as_a_non_root_user(dockerfile) -> None:
+    users = final(dockerfile).all("USER")
+    assert users, "the final stage has no USER"
+    user = users[-1].value.split(":")[0]
+    assert user not in ("root", "0")
+    assert user.isdigit() and int(user) >= 1000  # numeric, so Kubernetes' runAsNonRoot can check it
+    last_user_line = users[-1].line
+    assert all(i.line < last_user_line for i in final(dockerfile).all("RUN")), "RUN after USER would run unprivileged"
+
+
+def env_of(stage: Stage) -> dict[str, str]:
+    env = {}
+    for instruction in stage.all("ENV"):
+        for word in shlex.split(instruction.value):
+            name, _, value = word.partition("=")
+            env[name] = value
+    return env
+
+
+def test_environment_listens_in_the_container_with_known_variables(dockerfile) -> None:
+    env = env_of(final(dockerfile))
+    assert env["PROXY_HOST"] == "0.0.0.0"
+    assert env["ZEP_ALLOW_REMOTE"] == "true"
+    assert env["SOCKS_PORT"] == "1080" and env["HTTP_PORT"] == "8080"
+    known = set(ENVIRONMENT.values())
+    for name in env:
+        assert name in known or name.startswith("PYTHON"), f"ENV {name} is not a zep setting"
+    assert "ZITI_IDENTITY" not in env and "PROXY_PASSWORD" not in env  # secrets come at run time
+
+
+def test_exposes_the_two_listeners_and_serves(dockerfile) -> None:
+    stage = final(dockerfile)
+    exposed = {port for i in stage.all("EXPOSE") for port in i.value.split()}
+    assert exposed == {"1080", "8080"}
+    assert stage.all("CMD")[-1].exec_form() == ["zep", "serve"]
+
+
+def healthcheck_command(dockerfile) -> list[str]:
+    checks = final(dockerfile).all("HEALTHCHECK")
+    assert len(checks) == 1
+    command = checks[0].exec_form()
+    assert command and command[0] == "python" and command[1] == "-c"
+    return command
+
+
+def run_healthcheck(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *command[1:]], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_healthcheck_passes_against_a_running_zep(dockerfile) -> None:
+    command = healthcheck_command(dockerfile)
+    with start_zep("--direct") as zp:
+        result = run_healthcheck(command, {"SOCKS_PORT": str(zp.socks_port), "HTTP_PORT": str(zp.http_port)})
+        assert result.returncode == 0, result.stderr
+        socks_only = run_healthcheck(command, {"SOCKS_PORT": str(zp.socks_port), "HTTP_ENABLED": "false",
+                                               "HTTP_PORT": "1"})
+        assert socks_only.returncode == 0, socks_only.stderr
+    with start_zep("--direct", env={"PROXY_USERNAME": "ci", "PROXY_PASSWORD": "s3cret"}) as zp:
+        result = run_healthcheck(command, {"SOCKS_PORT": str(zp.socks_port), "HTTP_PORT": str(zp.http_port)})
+        assert result.returncode == 0, result.stderr
+
+
+def test_healthcheck_fails_when_a_listener_is_down(dockerfile) -> None:
+    from tests.support.upstreams import closed_port
+
+    command = healthcheck_command(dockerfile)
+    with start_zep("--direct") as zp:
+        result = run_healthcheck(command, {"SOCKS_PORT": str(zp.socks_port), "HTTP_PORT": str(closed_port())})
+        assert result.returncode != 0
+        result = run_healthcheck(command, {"SOCKS_PORT": str(closed_port()), "HTTP_PORT": str(zp.http_port)})
+        assert result.returncode != 0
+
+
+def test_examples_are_valid_yaml_and_use_zep() -> None:
+    yaml = pytest.importorskip("yaml")
+    for name in ("github-actions.yml", "gitlab-ci.yml", "docker-compose.yml"):
+        document = yaml.safe_load((ROOT / "examples" / name).read_text())
+        assert isinstance(document, dict), name
+    compose = yaml.safe_load((ROOT / "examples" / "docker-compose.yml").read_text())
+    zep = compose["services"]["zep"]
+    assert zep["build"]["context"] == ".." and all(p.startswith("127.0.0.1:") for p in zep["ports"])
+    workflow = yaml.safe_load((ROOT / "examples" / "github-actions.yml").read_text())
+    steps = next(iter(workflow["jobs"].values()))["steps"]
+    assert any("secrets.ZITI_IDENTITY" in json.dumps(step) for step in steps)
