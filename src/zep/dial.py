@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import os
 import socket
 from dataclasses import dataclass
 from typing import Protocol
@@ -82,7 +83,8 @@ class DirectDialer:
         except UnicodeError:
             raise DialError(Failure.HOST_UNREACHABLE, f"cannot resolve {host}: not a valid host name") from None
         except OSError as exc:
-            raise DialError(failure_for_os_error(exc), f"connect to {host}:{port} failed: {exc.strerror or exc}") from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise DialError(failure_for_os_error(exc), f"connect to {host}:{port} failed: {reason}") from None
         return Upstream(sock, "direct")
 
 
