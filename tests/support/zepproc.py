@@ -23,8 +23,11 @@ class ZepProcess:
     log_path: Path
     socks_port: int | None
     http_port: int | None
+    final_log: str | None = None  # kept once the process is gone and its directory removed
 
     def log_text(self) -> str:
+        if self.final_log is not None:
+            return self.final_log
         return self.log_path.read_text(errors="replace")
 
     def access_lines(self) -> list[str]:
@@ -75,9 +78,11 @@ def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | Non
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(command, env=zep_env(env, relay, extra_pythonpath),
                                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        zp = None
         try:
             info = _wait_ready(proc, ready, log_path)
-            yield ZepProcess(proc, log_path, _port(info.get("socks5")), _port(info.get("http")))
+            zp = ZepProcess(proc, log_path, _port(info.get("socks5")), _port(info.get("http")))
+            yield zp
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -86,6 +91,8 @@ def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | Non
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            if zp is not None:
+                zp.final_log = log_path.read_text(errors="replace")
 
 
 def run_zep(*args: str, env: Mapping[str, str] | None = None, extra_pythonpath: Sequence[str] = (),

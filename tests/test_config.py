@@ -1,0 +1,123 @@
+"""Settings from the original ziti-edge-proxy variables, ZEP_* variables and flags; bad values exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from zep.cli import build_parser
+from zep.config import ConfigError, Settings, load_settings
+from tests.support.zepproc import run_zep, start_zep
+
+
+def settings(env: dict[str, str], *args: str) -> Settings:
+    flags = vars(build_parser().parse_args(["serve", *args]))
+    flags.pop("command")
+    return load_settings(env, flags)
+
+
+def test_defaults_are_the_original_projects():
+    s = settings({}, "--direct")
+    assert (s.proxy_host, s.socks_enabled, s.http_enabled, s.socks_port, s.http_port) == ("127.0.0.1", True, True, 1080, 8080)
+    assert (s.username, s.password, s.auth_required) == ("user", "password", True)
+    assert s.ziti_identities == () and s.ziti_identity is None
+    assert s.fallback == "direct"
+
+
+def test_each_original_variable():
+    s = settings({
+        "PROXY_HOST": "::1", "SOCKS_ENABLED": "false", "HTTP_ENABLED": "TRUE", "SOCKS_PORT": "1081",
+        "HTTP_PORT": "3128", "PROXY_USERNAME": "ci", "PROXY_PASSWORD": "pw",
+        "ZITI_IDENTITIES": " /ids/a.json ; /ids/*.json;; ",
+    })
+    assert s.proxy_host == "::1" and not s.socks_enabled and s.http_enabled
+    assert (s.socks_port, s.http_port, s.username, s.password) == (1081, 3128, "ci", "pw")
+    assert s.ziti_identities == ("/ids/a.json", "/ids/*.json")
+    assert settings({"ZITI_IDENTITY": "eyJ9"}).ziti_identity == "eyJ9"
+
+
+def test_empty_credentials_turn_authentication_off():
+    assert not settings({"PROXY_USERNAME": "", "PROXY_PASSWORD": ""}, "--direct").auth_required
+
+
+def test_zep_variables():
+    s = settings({
+        "ZEP_FALLBACK": "deny", "ZEP_TIMEOUT_HANDSHAKE": "2.5", "ZEP_TIMEOUT_CONNECT": "3", "ZEP_TIMEOUT_TUNNEL": "60",
+        "ZEP_MAXCONN": "7", "ZEP_LOG_LEVEL": "debug", "ZEP_DIRECT": "yes", "ZEP_ZITI_LOAD_TIMEOUT": "9",
+    })
+    assert (s.fallback, s.handshake_timeout, s.connect_timeout, s.idle_timeout) == ("deny", 2.5, 3.0, 60.0)
+    assert (s.max_connections, s.log_level, s.direct, s.ziti_load_timeout) == (7, "debug", True, 9.0)
+
+
+def test_flags_win_over_environment():
+    s = settings({"SOCKS_PORT": "1081", "ZEP_FALLBACK": "deny", "SOCKS_ENABLED": "false", "PROXY_USERNAME": "env"},
+                 "--socks-port", "2000", "--fallback", "direct", "--socks", "--username", "flag", "--direct")
+    assert (s.socks_port, s.fallback, s.socks_enabled, s.username) == (2000, "direct", True, "flag")
+    assert settings({}, "--identity", "a.json", "--identity", "b/*.json").ziti_identities == ("a.json", "b/*.json")
+
+
+@pytest.mark.parametrize(("env", "args", "message"), [
+    ({"SOCKS_PORT": "70000"}, [], "SOCKS_PORT must be a port from 0 to 65535"),
+    ({}, ["--http-port", "-1"], "--http-port must be a port"),
+    ({"HTTP_PORT": "eighty"}, [], "HTTP_PORT must be a whole number"),
+    ({"SOCKS_ENABLED": "maybe"}, [], "SOCKS_ENABLED must be true or false"),
+    ({"SOCKS_ENABLED": "false", "HTTP_ENABLED": "0"}, [], "both false"),
+    ({"SOCKS_PORT": "9000", "HTTP_PORT": "9000"}, [], "SOCKS_PORT and HTTP_PORT are both 9000"),
+    ({"ZITI_IDENTITIES": "a.json", "ZITI_IDENTITY": "e30="}, [], "ZITI_IDENTITY and ZITI_IDENTITIES are both set"),
+    ({"ZEP_FALLBACK": "maybe"}, [], "ZEP_FALLBACK must be direct or deny"),
+    ({"ZEP_TIMEOUT_CONNECT": "0"}, [], "ZEP_TIMEOUT_CONNECT must be more than 0"),
+    ({"ZEP_MAXCONN": "0"}, [], "ZEP_MAXCONN must be at least 1"),
+    ({"PROXY_USERNAME": "only-user", "PROXY_PASSWORD": ""}, [], "must be set together"),
+    ({"PROXY_HOST": "0.0.0.0"}, [], "reachable from other machines"),
+    ({"PROXY_HOST": "0.0.0.0", "PROXY_USERNAME": "", "PROXY_PASSWORD": ""}, [], "no authentication"),
+])
+def test_invalid_values_name_the_variable(env, args, message):
+    with pytest.raises(ConfigError, match=message):
+        settings(env, "--direct", *args)
+
+
+def test_non_loopback_bind_needs_real_credentials_or_allow_remote():
+    assert settings({"PROXY_HOST": "0.0.0.0", "PROXY_USERNAME": "ci", "PROXY_PASSWORD": "long-secret"}, "--direct")
+    assert settings({"PROXY_HOST": "0.0.0.0"}, "--direct", "--allow-remote").allow_remote
+    assert settings({"PROXY_HOST": "0.0.0.0", "ZEP_ALLOW_REMOTE": "true"}, "--direct").allow_remote
+
+
+def test_no_identity_and_no_direct_is_refused():
+    with pytest.raises(ConfigError, match="pass --direct"):
+        settings({})
+
+
+@pytest.mark.parametrize(("env", "args", "message"), [
+    ({"SOCKS_PORT": "99999"}, ["--direct"], "SOCKS_PORT must be a port"),
+    ({}, [], "no Ziti identity configured"),
+    ({"PROXY_HOST": "0.0.0.0", "PROXY_USERNAME": "user", "PROXY_PASSWORD": "password"}, ["--direct"], "default credentials"),
+])
+def test_cli_exits_2_with_one_line(env, args, message):
+    result = run_zep("serve", *args, env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zep: error: ") and message in lines[0]
+
+
+def test_port_in_use_exits_2(tmp_path):
+    with start_zep("--direct") as zp:
+        result = run_zep("serve", "--direct", "--socks-port", str(zp.socks_port), "--http-port", "0")
+    assert result.returncode == 2
+    assert "address in use" in result.stderr
+
+
+def test_credentials_never_logged():
+    with start_zep("--direct", "--log-level", "debug", env={"PROXY_USERNAME": "alice", "PROXY_PASSWORD": "hunter2-secret"}) as zp:
+        zp.wait_for_log("authentication required")
+    assert "hunter2-secret" not in zp.log_text()
+
+
+def test_only_one_listener_when_the_other_is_disabled():
+    with start_zep("--direct", env={"HTTP_ENABLED": "false"}) as zp:
+        assert zp.socks_port and zp.http_port is None
+
+
+def test_version_names_the_relay():
+    result = run_zep("version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("zep ")
+    assert "relay: " in result.stdout
