@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
+import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ import requests
 
 from tests.support.clients import curl, recv_exactly, socks_session
 from tests.support.upstreams import TCPUpstream, Upstream, closed_port
-from tests.support.zepproc import ZepProcess, run_zep, start_zep
+from tests.support.zepproc import ZepProcess, run_zep, start_zep, zep_env
 from tests.support.ziti import (  # noqa: F401  (fixtures)
     identity_document,
     openziti_path,
@@ -258,3 +260,25 @@ def test_without_openziti_the_error_says_how_to_install_it(tmp_path: Path, ident
     assert result.stderr.strip().splitlines() == [
         "zep: error: a Ziti identity is configured but the OpenZiti SDK is not installed: "
         "pip install 'ziti-edge-proxy[ziti]'"]
+
+
+def test_sigterm_while_loading_removes_the_decoded_identity(tmp_path: Path, openziti_path: Path) -> None:
+    encoded = base64.b64encode(json.dumps(identity_document(load_delay_ms=5000)).encode()).decode()
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    env = zep_env({"ZITI_IDENTITY": encoded, "TMPDIR": str(private_tmp)}, None, [str(openziti_path)])
+    proc = subprocess.Popen([sys.executable, "-m", "zep", "serve", "--host", "127.0.0.1", "--socks-port", "0",
+                             "--http-port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while not list(private_tmp.glob("zep-ziti-*/identity.json")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert list(private_tmp.glob("zep-ziti-*/identity.json")), "the identity was never decoded"
+        time.sleep(0.2)  # inside the SDK's load call by now
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert list(private_tmp.iterdir()) == []

@@ -22,16 +22,18 @@ import atexit
 import base64
 import binascii
 import concurrent.futures
+import contextlib
 import glob
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,21 +242,39 @@ def start(settings: Any) -> ZitiDialer:
     zitilib = import_sdk()
 
     private = None
-    if decoded is not None:
-        private = PrivateDirectory()
-        identities.append(Identity(ENCODED_LABEL, private.write("identity.json", decoded)))
-    try:
-        loaded = load_identities(zitilib, identities, timeout)
-    except BaseException:
-        _shutdown_sdk(zitilib)
-        if private is not None:
-            private.remove()
-        raise
+    with _sigterm_unwinds():
+        if decoded is not None:
+            private = PrivateDirectory()
+            identities.append(Identity(ENCODED_LABEL, private.write("identity.json", decoded)))
+        try:
+            loaded = load_identities(zitilib, identities, timeout)
+        except BaseException:
+            _shutdown_sdk(zitilib)
+            if private is not None:
+                private.remove()
+            raise
     version = zitilib.version()
     log.info("ziti ready: %d identit%s, OpenZiti C SDK %s; services are matched by intercept address per "
              "connection (the SDK does not list them)%s", len(loaded), "y" if len(loaded) == 1 else "ies",
              _text(version.version), f", and <service>{suffix} dials a service by name" if suffix else "")
     return ZitiDialer(zitilib, loaded, suffix, private)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While start() blocks on the SDK, SIGTERM unwinds like Ctrl-C, so a decoded identity is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _text(value: bytes | str | None) -> str:
