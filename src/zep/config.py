@@ -88,6 +88,8 @@ FLAGS.update(
     ziti_identities="--identity",
     idle_timeout="--tunnel-timeout",
     max_connections="--maxconn",
+    socks_enabled="--socks",
+    http_enabled="--http",
 )
 
 _TRUE = {"1", "true", "yes", "on"}
