@@ -206,3 +206,15 @@ def test_http_over_maxconn_gets_503(relay_impl, echo):
             assert recv_exactly(first, 39).startswith(b"HTTP/1.1 200")
             with socket.create_connection(("127.0.0.1", zp.http_port), timeout=10) as second:
                 assert recv_until_eof(second).startswith(b"HTTP/1.1 503")
+
+
+def test_expect_100_continue_is_answered_by_the_proxy(zep, http_a):
+    body = b"x" * 1000
+    with socket.create_connection(("127.0.0.1", zep.http_port), timeout=10) as sock:
+        sock.sendall(f"POST http://127.0.0.1:{http_a.port}/sha256 HTTP/1.1\r\nHost: x\r\n"
+                     f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        assert recv_exactly(sock, 25) == b"HTTP/1.1 100 Continue\r\n\r\n"  # before any body byte was sent
+        sock.sendall(body)
+        status, _headers, answer = read_response(sock)
+        assert status == 200 and json.loads(answer) == {"sha256": sha256(body), "length": len(body)}
+    assert "Expect" not in http_a.requests[-1][2]

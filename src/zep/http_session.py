@@ -7,6 +7,7 @@ reused only while requests keep going to the same host and port.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from collections import deque
@@ -24,6 +25,7 @@ log = logging.getLogger("zep.http")
 
 PROXY_AUTHENTICATE = ("Proxy-Authenticate", 'Basic realm="zep"')
 CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # What a connection over the limit is told (see ProxyServer.listen).
 OVERLOADED = httpproxy.error_response(503, body="zep: too many connections, try again later\n")
 
@@ -171,6 +173,12 @@ async def _tunnel(session: Session, head: RequestHead, early: bytes) -> None:
     await session.relay(upstream.sock, upstream.route, to_upstream=early)
 
 
+def _expects_continue(head: RequestHead) -> bool:
+    has_body = head.chunked or bool(head.content_length)
+    return has_body and head.version == "1.1" and any(
+        name.lower() == b"expect" and value.strip().lower() == b"100-continue" for name, value in head.headers)
+
+
 class _UpstreamSendFailed(Exception):
     pass
 
@@ -190,6 +198,11 @@ async def _forward(session: Session, head: RequestHead, requests: EventStream, u
             raise _UpstreamSendFailed(exc.strerror or str(exc)) from None
         record.up += len(data)
 
+    if _expects_continue(head):
+        # Like nginx, answer `Expect: 100-continue` here: the upstream's own interim answer would
+        # only be read after the body, so clients would stall for their expect timeout (curl: 1 s).
+        head = dataclasses.replace(head, headers=tuple(h for h in head.headers if h[0].lower() != b"expect"))
+        await session.send(CONTINUE)
     try:
         await to_upstream(head.serialize())
         while True:

@@ -151,7 +151,7 @@ class ProxyServer:
         except asyncio.CancelledError:
             record.outcome = "cancelled"
             raise
-        except (ConnectionError, TimeoutError) as exc:
+        except OSError as exc:  # the client reset or broke the connection
             record.outcome = "client-error"
             record.detail = record.detail or str(exc) or type(exc).__name__
         except Exception:
