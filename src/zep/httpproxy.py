@@ -159,21 +159,8 @@ class _Reader:
     _what: str  # "request" or "response", for log lines
 
     def __init__(self, parser_type: type, max_head_bytes: int) -> None:
-        callbacks = SimpleNamespace(
-            on_message_begin=self._on_message_begin,
-            on_url=self._on_head_bytes,
-            on_status=self._on_head_bytes,
-            on_header=self._on_header,
-            on_headers_complete=self._on_headers_complete,
-            on_body=self._on_body,
-            on_chunk_header=self._on_chunk_header,
-            on_chunk_complete=self._on_progress,
-            on_message_complete=self._on_message_complete,
-        )
-        self._parser = parser_type(callbacks)
-        # We decide ourselves when a connection ends (Proxy-Connection, our own stop),
-        # so llhttp must not refuse bytes after a message it thinks ends the connection.
-        self._parser.set_dangerous_leniencies(lenient_keep_alive=True)
+        self._parser_type = parser_type
+        self._parser = self._new_parser()
         self._max_head = max_head_bytes
         self._state = _State.IDLE
         self._events: list = []
@@ -186,6 +173,24 @@ class _Reader:
         self._in_meta = False
         self._progress = 0
         self._meta_fed = 0
+
+    def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
+        callbacks = SimpleNamespace(
+            on_message_begin=self._on_message_begin,
+            on_url=self._on_head_bytes,
+            on_status=self._on_head_bytes,
+            on_header=self._on_header,
+            on_headers_complete=self._on_headers_complete,
+            on_body=self._on_body,
+            on_chunk_header=self._on_chunk_header,
+            on_chunk_complete=self._on_progress,
+            on_message_complete=self._on_message_complete,
+        )
+        parser = self._parser_type(callbacks)
+        # We decide ourselves when a connection ends (Proxy-Connection, our own stop),
+        # so llhttp must not refuse bytes after a message it thinks ends the connection.
+        parser.set_dangerous_leniencies(lenient_keep_alive=True)
+        return parser
 
     def _feed(self, data: bytes) -> list:
         if self._state is _State.DONE:
@@ -252,7 +257,8 @@ class _Reader:
 
     def _on_body(self, data: bytes) -> None:
         self._on_progress()
-        self._events.append(BodyChunk(data))
+        if data:
+            self._events.append(BodyChunk(data))
 
     def _on_chunk_header(self) -> None:
         # Either a chunk's data follows, or (after the last chunk) the trailers.
@@ -265,7 +271,6 @@ class _Reader:
 
     def _on_message_complete(self) -> None:
         self._on_progress()
-        self._events.append(MessageEnd())
         self._message_complete()
 
     # what requests and responses do differently
@@ -297,6 +302,7 @@ class RequestReader(_Reader):
         super().__init__(httptools.HttpRequestParser, max_head_bytes)
         self._tunnel = False
         self._keep_alive = True
+        self._upgrade_body: bytes | None = None  # framing of an upgrade request's body
         self._leftover = b""
 
     def feed(self, data: bytes) -> list[RequestEvent]:
@@ -308,6 +314,9 @@ class RequestReader(_Reader):
         return leftover
 
     def _head_complete(self) -> None:
+        if self._upgrade_body is not None:
+            self._upgrade_body = None  # the primer head from _on_upgrade: not a request
+            return
         method = self._parser.get_method().decode("ascii")
         head = _request_head(method, self._parser.get_http_version(), b"".join(self._start_line), self._headers)
         if isinstance(head, BadMessage):
@@ -315,11 +324,18 @@ class RequestReader(_Reader):
             raise _Stop
         self._tunnel = method == "CONNECT"
         self._keep_alive = head.keep_alive
+        if self._parser.should_upgrade() and not self._tunnel:
+            # llhttp leaves the body of an upgrade request unparsed; note its framing.
+            if head.chunked:
+                self._upgrade_body = b"Transfer-Encoding: chunked"
+            elif head.content_length:
+                self._upgrade_body = b"Content-Length: %d" % head.content_length
         self._events.append(head)
 
     def _message_complete(self) -> None:
-        if self._tunnel:
-            return  # llhttp pauses right after this and tells us where the tunnel starts
+        if self._tunnel or self._upgrade_body is not None:
+            return  # llhttp pauses right after this and tells us where it stopped
+        self._events.append(MessageEnd())
         if not self._keep_alive:
             self._state = _State.DONE
             raise _Stop
@@ -327,10 +343,16 @@ class RequestReader(_Reader):
 
     def _on_upgrade(self, rest: bytes) -> bytes | None:
         if self._tunnel:
+            self._events.append(MessageEnd())
             self._leftover = rest
             self._state = _State.DONE
             return None
-        return rest  # we removed the Upgrade header, so the next request follows
+        if self._upgrade_body is not None:
+            # We forward it as a plain request (Upgrade removed), so its body must be parsed:
+            # prime a fresh parser with the same framing and let it read on from here.
+            self._parser = self._new_parser()
+            self._parser.feed_data(b"POST / HTTP/1.1\r\n" + self._upgrade_body + b"\r\n\r\n")
+        return rest
 
     def _after_done(self, data: bytes) -> None:
         if self._tunnel:
@@ -394,6 +416,7 @@ class ResponseReader(_Reader):
             self._finish()
 
     def _message_complete(self) -> None:
+        self._events.append(MessageEnd())
         assert self._head is not None  # headers always complete before the message does
         if self._head.status < 200:
             self._state = _State.IDLE  # an interim response: the real one follows
@@ -440,7 +463,7 @@ def _request_head(
         authority = (b"[%s]" % url.host if b":" in url.host else url.host) + (
             b":%d" % url.port if url.port is not None else b""
         )
-        origin_target = (url.path or b"/") + (b"?" + url.query if url.query is not None else b"")
+        origin_target = _origin_form(target)
 
     framing = _framing(raw_headers, 501)
     if isinstance(framing, BadMessage):
@@ -511,6 +534,14 @@ def _parse_authority(authority: bytes) -> tuple[str, int] | None:
     if not _REG_NAME.fullmatch(host):
         return None
     return host.decode("ascii"), int(port)
+
+
+def _origin_form(absolute: bytes) -> bytes:
+    """The path and query of an absolute URL exactly as sent (no fragment); "/" if empty."""
+    rest = absolute.partition(b"://")[2]
+    ends = [i for i in (rest.find(b"/"), rest.find(b"?"), rest.find(b"#")) if i >= 0]
+    path = rest[min(ends, default=len(rest)) :].partition(b"#")[0]
+    return path if path.startswith(b"/") else b"/" + path
 
 
 def _framing(headers: list[tuple[bytes, bytes]], unsupported_status: int) -> tuple[bool, int | None] | BadMessage:
