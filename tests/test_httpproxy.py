@@ -312,6 +312,7 @@ class TestConnect:
     def test_ipv6(self):
         head = head_of(b"CONNECT [2001:db8::1]:8443 HTTP/1.1\r\n\r\n")
         assert (head.host, head.port) == ("2001:db8::1", 8443)
+        assert head_of(b"CONNECT [2001:DB8:0::1]:1 HTTP/1.1\r\n\r\n").host == "2001:DB8:0::1"
 
     @pytest.mark.parametrize(
         "target",

@@ -527,10 +527,12 @@ def _parse_authority(authority: bytes) -> tuple[str, int] | None:
     if not colon or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
         return None
     if host.startswith(b"[") and host.endswith(b"]"):
+        literal = host[1:-1].decode("ascii", "replace")
         try:
-            return str(ipaddress.IPv6Address(host[1:-1].decode("ascii"))), int(port)
+            ipaddress.IPv6Address(literal)
         except ValueError:
             return None
+        return literal, int(port)  # as sent, like hosts in absolute URLs
     if not _REG_NAME.fullmatch(host):
         return None
     return host.decode("ascii"), int(port)
