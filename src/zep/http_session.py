@@ -44,10 +44,6 @@ class EventStream(Generic[Event]):
         self._eof = False
         self.bytes_read = 0
 
-    @property
-    def has_pending(self) -> bool:
-        return bool(self._pending)
-
     async def next(self) -> Event | None:
         """The next event; None once the peer has closed and nothing is left."""
         loop = asyncio.get_running_loop()
@@ -268,6 +264,6 @@ async def _relay_response(session: Session, head: RequestHead, upstreams: Upstre
         record.down += len(data)
         if final is not None and isinstance(event, MessageEnd):
             break
-    if not final.keep_alive or responses.has_pending:
+    if not final.keep_alive:
         upstreams.drop()
     return keep_alive
