@@ -1,0 +1,1 @@
+"""zep benchmark suite (run with `pytest benchmarks/`)."""
