@@ -27,10 +27,12 @@ class Column:
     metric: str
     fmt: str = "{:,.0f}"
     vs: str | None = None  # a ratio of `metric` against this system's
+    spread: bool = False  # the lowest and highest value over the rounds instead of the median
 
 
 BULK = [
     Column("MB/s", "mb_per_s"),
+    Column("MB/s rounds", "mb_per_s", "{:,.0f}", spread=True),
     Column("x direct", "mb_per_s", "{:.2f}", DIRECT),
     Column("x haproxy", "mb_per_s", "{:.2f}", HAPROXY),
     Column("x python relay", "mb_per_s", "{:.2f}", PYTHON),
@@ -46,6 +48,7 @@ TABLES: dict[str, list[Column]] = {
         Column("p99 us", "p99_us", "{:.1f}"),
         Column("added median us", "added_median_us", "{:.1f}"),
         Column("added p99 us", "added_p99_us", "{:.1f}"),
+        Column("added median rounds", "added_median_us", "{:.0f}", spread=True),
         Column("added median x python relay", "added_median_us", "{:.2f}", PYTHON),
         Column("added median x haproxy", "added_median_us", "{:.2f}", HAPROXY),
         Column("added p99 x python relay", "added_p99_us", "{:.2f}", PYTHON),
@@ -53,6 +56,7 @@ TABLES: dict[str, list[Column]] = {
     ],
     "4-connection-rate": [
         Column("conn/s", "conn_per_s"),
+        Column("conn/s rounds", "conn_per_s", "{:,.0f}", spread=True),
         Column("x direct", "conn_per_s", "{:.2f}", DIRECT),
         Column("x microsocks", "conn_per_s", "{:.2f}", MICROSOCKS),
         Column("x python relay", "conn_per_s", "{:.2f}", PYTHON),
@@ -75,7 +79,7 @@ NOTES = {
                     "CPU = the proxy process's utime+stime (all threads) from /proc/<pid>/stat.",
     "2-parallel-streams": "Aggregate MB/s over all streams; CPU as in workload 1.",
     "3-ping-pong": "Round-trip latency of 64-byte messages on one tunnel; added = system minus direct, "
-                   "per round, then the median over rounds.",
+                   "per round, then the median over rounds (so added p99 can be below added median).",
     "4-connection-rate": "Each connection: TCP connect, SOCKS5 handshake (no auth) and CONNECT, 100 bytes echoed, "
                          "close. HAProxy is not a SOCKS server: its row is a plain TCP connect + 100 bytes echoed, "
                          "and direct is the same without any proxy.",
@@ -98,6 +102,13 @@ def load(path: Path) -> tuple[dict, dict[str, dict]]:
 def metric(info: dict, system: str, name: str) -> float | None:
     value = info["systems"].get(system, {}).get("metrics", {}).get(name)
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def spread(info: dict, system: str, name: str, spec: str) -> str:
+    values = [r[name] for r in info["systems"].get(system, {}).get("rounds", []) if r.get(name) is not None]
+    if len(values) < 2:
+        return "-"
+    return f"{spec.format(min(values))}-{spec.format(max(values))}"
 
 
 def ratio(info: dict, system: str, name: str, vs: str) -> float | None:
@@ -198,7 +209,7 @@ def markdown(data: dict, workloads: dict[str, dict]) -> str:
     lines.append(f"Run: {data.get('datetime', '?')}, {mode} mode; "
                  f"{cpu.get('count', '?')} CPUs ({cpu.get('brand_raw', 'unknown CPU')}), "
                  f"Python {machine.get('python_version', '?')}. Figures are medians over rounds in which the "
-                 "systems took turns (rotated each round).")
+                 "systems took turns (rotated each round); the \"rounds\" columns give the lowest and highest round.")
     lines.append("")
     skipped: dict[str, str] = {}
     for info in workloads.values():
@@ -216,6 +227,9 @@ def markdown(data: dict, workloads: dict[str, dict]) -> str:
         for system in systems_of(info):
             cells = []
             for c in columns:
+                if c.spread:
+                    cells.append(spread(info, system, c.metric, c.fmt))
+                    continue
                 if c.vs is None:
                     value = metric(info, system, c.metric)
                 else:
