@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -74,8 +75,11 @@ class DirectDialer:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                sock = await _connect_happy_eyeballs(infos, self.HAPPY_EYEBALLS_DELAY)
+                addresses = _literal_address(host, port)
+                if addresses is None:
+                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                    addresses = _interleave_families(infos)
+                sock = await _connect_happy_eyeballs(addresses, self.HAPPY_EYEBALLS_DELAY)
         except TimeoutError:
             raise DialError(Failure.TIMEOUT, f"connect to {host}:{port} timed out after {timeout:g}s") from None
         except socket.gaierror as exc:
@@ -88,27 +92,38 @@ class DirectDialer:
         return Upstream(sock, "direct")
 
 
-async def _connect_happy_eyeballs(infos: list, delay: float) -> socket.socket:
-    """Try addresses interleaved by family, starting the next one `delay` seconds after the last."""
-    loop = asyncio.get_running_loop()
-    addresses = _interleave_families(infos)
+def _literal_address(host: str, port: int) -> list[tuple[int, tuple]] | None:
+    """An IP literal needs no resolver round trip."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.version == 4:
+        return [(socket.AF_INET, (host, port))]
+    return [(socket.AF_INET6, (host, port, 0, 0))]
+
+
+async def _connect(family: int, address: tuple) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _connect_happy_eyeballs(addresses: list[tuple[int, tuple]], delay: float) -> socket.socket:
+    """Try addresses in order, starting the next one `delay` seconds after the last (RFC 8305)."""
+    if len(addresses) == 1:
+        return await _connect(*addresses[0])
     errors: list[OSError] = []
     winner: socket.socket | None = None
     pending: set[asyncio.Task[socket.socket]] = set()
-
-    async def attempt(family: int, address: tuple) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, address)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
     try:
         for family, address in addresses:
-            pending.add(asyncio.ensure_future(attempt(family, address)))
+            pending.add(asyncio.ensure_future(_connect(family, address)))
             done, _ = await asyncio.wait(pending, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
             winner = _take_winner(done, pending, errors)
             if winner:
@@ -126,7 +141,7 @@ async def _connect_happy_eyeballs(infos: list, delay: float) -> socket.socket:
                 (await task).close()
             except BaseException:
                 pass
-    if len(errors) == 1 or len({e.errno for e in errors}) == 1:
+    if len({e.errno for e in errors}) == 1:
         raise errors[0]
     raise OSError(errors[-1].errno, "; ".join(str(e) for e in errors))
 

@@ -19,7 +19,7 @@ from zep.accesslog import dial_outcome
 from zep.auth import parse_basic
 from zep.dial import DialError, Upstream
 from zep.httpproxy import BadMessage, BodyChunk, MessageEnd, RequestHead, ResponseHead
-from zep.server import Session, format_address
+from zep.server import Session, format_address, recv_some, send_all
 
 log = logging.getLogger("zep.http")
 
@@ -50,7 +50,7 @@ class EventStream(Generic[Event]):
         while not self._pending:
             if self._eof:
                 return None
-            data = await loop.sock_recv(self.sock, 65536)
+            data = await recv_some(loop, self.sock)
             if data:
                 self.bytes_read += len(data)
                 self._pending.extend(self._feed(data))
@@ -189,7 +189,7 @@ async def _forward(session: Session, head: RequestHead, requests: EventStream, u
 
     async def to_upstream(data: bytes) -> None:
         try:
-            await loop.sock_sendall(upstream.sock, data)
+            await send_all(loop, upstream.sock, data)
         except OSError as exc:
             raise _UpstreamSendFailed(exc.strerror or str(exc)) from None
         record.up += len(data)

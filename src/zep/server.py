@@ -45,11 +45,10 @@ class Session:
         self._handed_over = False
 
     async def recv(self) -> bytes:
-        return await self.loop.sock_recv(self.sock, 65536)
+        return await recv_some(self.loop, self.sock)
 
     async def send(self, data: bytes) -> None:
-        if data:
-            await self.loop.sock_sendall(self.sock, data)
+        await send_all(self.loop, self.sock, data)
 
     async def relay(self, upstream: socket.socket, route: str, *, to_upstream: bytes = b"", to_client: bytes = b"") -> None:
         """Hand both sockets to the relay (which owns them from here) and record how it ended."""
@@ -67,6 +66,25 @@ class Session:
     def close(self) -> None:
         if not self._handed_over:
             self.sock.close()
+
+
+async def recv_some(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """Up to 64 KiB; b"" at EOF. Tries the socket first: a client's next message is usually
+    there already, and asking the loop to watch the socket costs two epoll_ctl calls."""
+    try:
+        return sock.recv(65536)
+    except (BlockingIOError, InterruptedError):
+        return await loop.sock_recv(sock, 65536)
+
+
+async def send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes) -> None:
+    """Send every byte, writing straight away when the socket has room (the usual case)."""
+    try:
+        sent = sock.send(data) if data else 0
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    if sent < len(data):
+        await loop.sock_sendall(sock, data[sent:])
 
 
 SessionHandler = Callable[[Session], Awaitable[None]]
