@@ -656,6 +656,90 @@ def test_sockets_closed_exactly_once(impl):
     assert run(main())
 
 
+def test_unusable_socket_still_closes_the_other(impl):
+    """Ownership holds even when the relay cannot start: the good socket is closed."""
+
+    async def main():
+        p = Pair()
+        p.upstream.close()  # not a usable socket any more
+        with pytest.raises((OSError, ValueError)):
+            await impl.relay(p.client, p.upstream, idle_timeout=30)
+        got = await asyncio.wait_for(recv_until_end(p.app), 10)
+        closed = p.client.fileno() == -1
+        p.close_ends()
+        return got, closed
+
+    got, closed = run(main())
+    assert got[0] == b""
+    assert closed
+
+
+def test_event_loops_in_two_threads(impl):
+    """Pairs relayed from two event loops at once, each in its own thread."""
+    import threading
+
+    data = os.urandom(2 * MiB)
+    out: dict[int, object] = {}
+
+    async def main(i):
+        async def one():
+            p = Pair()
+            t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=30))
+            res = await asyncio.gather(send_all(p.app, data), recv_all(p.server), send_all(p.server, data), recv_all(p.app))
+            r = await t
+            p.close_ends()
+            return res[1], res[3], r.ended
+
+        return await asyncio.gather(*(one() for _ in range(10)))
+
+    def worker(i):
+        try:
+            out[i] = run(main(i))
+        except BaseException as exc:  # reported below
+            out[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    want = (len(data), sha(data))
+    for i in range(2):
+        assert not isinstance(out[i], BaseException), out[i]
+        assert all(r == (want, want, RelayEnd.DONE) for r in out[i])
+
+
+EXIT_SCRIPT = """
+import asyncio, socket, sys, uvloop
+from zep.{module} import relay
+ends = []
+async def main():
+    a, c = socket.socketpair()
+    u, b = socket.socketpair()
+    ends.extend((a, b))
+    for s in (c, u):
+        s.setblocking(False)
+    asyncio.ensure_future(relay(c, u, idle_timeout=None))
+    await asyncio.sleep(0.1)
+loop = uvloop.new_event_loop()
+loop.run_until_complete(main())
+sys.exit(0)  # the relay is still running: the process must still exit
+"""
+
+
+def test_process_exits_with_pairs_running(impl):
+    import subprocess
+
+    module = impl.__name__.rsplit(".", 1)[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT.format(module=module)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
 # -- the compiled engine only ------------------------------------------------------------
 
 

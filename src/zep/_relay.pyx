@@ -819,13 +819,25 @@ def _set_if_pending(fut):
 
 
 cdef _Engine _engine = None
+cdef int _pipe_size = DEFAULT_PIPE_SIZE
+cdef int _pool_cap = DEFAULT_POOL_CAP
+
+
+def _configure(pipe_size=None, pool_cap=None):
+    """Tuning hook (tests, benchmarks): pipe size and pool cap of the engine,
+    applied when it (re)starts."""
+    global _pipe_size, _pool_cap
+    if pipe_size is not None:
+        _pipe_size = int(pipe_size)
+    if pool_cap is not None:
+        _pool_cap = int(pool_cap)
 
 
 cdef _Engine _get_engine():
     global _engine
     if _engine is None or _engine.pid != os.getpid():
         # (after a fork the parent's thread does not exist here: start afresh)
-        _engine = _Engine()
+        _engine = _Engine(_pipe_size, _pool_cap)
     return _engine
 
 

@@ -298,7 +298,12 @@ async def relay(
                 continue
             side.sock.setblocking(False)
             side.connecting = True
-            await loop.connect_accepted_socket(lambda side=side: side, sock=side.sock)
+            try:
+                await loop.connect_accepted_socket(lambda side=side: side, sock=side.sock)
+            finally:
+                # On failure the loop has closed (or never took) the socket; a
+                # later close() must not wait for a connection_made.
+                side.connecting = False
         await asyncio.shield(pair.done)
     except asyncio.CancelledError:
         pair.ending = True
