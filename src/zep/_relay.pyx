@@ -608,7 +608,7 @@ cdef class _Engine:
     cdef bint running
     cdef int pid
     cdef dict waiting      # pair address -> _Waiter
-    cdef dict loops        # loop -> pairs outstanding on it
+    cdef dict loops        # loops whose reader drains our completions
 
     def __cinit__(self, int pipe_size=DEFAULT_PIPE_SIZE, int pool_cap=DEFAULT_POOL_CAP):
         cdef c.epoll_event ev
@@ -742,19 +742,13 @@ cdef class _Engine:
             c.pthread_mutex_unlock(&self.e.mu)
 
     def watch(self, loop):
-        n = self.loops.get(loop, 0)
-        if n == 0:
+        """Make sure `loop` drains completions. The reader stays registered for
+        the life of the loop (no add/remove per pair)."""
+        if loop not in self.loops:
+            for old in [l for l in self.loops if l.is_closed()]:
+                del self.loops[old]
             loop.add_reader(self.e.cq_efd, self._drain)
-        self.loops[loop] = n + 1
-
-    def unwatch(self, loop):
-        n = self.loops.get(loop, 0) - 1
-        if n <= 0:
-            self.loops.pop(loop, None)
-            if not loop.is_closed():
-                loop.remove_reader(self.e.cq_efd)
-        else:
-            self.loops[loop] = n
+            self.loops[loop] = True
 
     def stop(self):
         """Cancel what is running, stop the thread, release everything."""
@@ -871,22 +865,26 @@ async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeou
     cdef int cfd, ufd
     t0 = time.monotonic()
     loop = asyncio.get_running_loop()
+    # A socket in blocking mode (no timeout) is the only kind without O_NONBLOCK.
+    set_nonblocking = (client.gettimeout() is None, upstream.gettimeout() is None)
     cfd = client.detach()
     ufd = upstream.detach()
     try:
         eng = _get_engine()
-        for fd in (cfd, ufd):
-            os.set_blocking(fd, False)
+        if cfd < 0 or ufd < 0:
+            raise OSError(_errno.EBADF, "relay() needs two open sockets")
+        if set_nonblocking[0]:
+            os.set_blocking(cfd, False)
+        if set_nonblocking[1]:
+            os.set_blocking(ufd, False)
         w = _Waiter()
         w.loop = loop
         w.fut = loop.create_future()
         w.ptr = eng.submit(cfd, ufd, bytes(to_upstream), bytes(to_client), idle_timeout)
     except BaseException:
         for fd in (cfd, ufd):
-            try:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
         raise
     eng.waiting[w.ptr] = w
     eng.watch(loop)
@@ -906,7 +904,6 @@ async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeou
                 except asyncio.CancelledError:
                     pass
     finally:
-        eng.unwatch(loop)
         if w.result is not None:
             eng.release(w.ptr)
     up, down, ended, err = w.result
