@@ -1,4 +1,4 @@
-"""The relay contract (DESIGN.md section 3), run against both implementations.
+"""The relay contract, run against both implementations.
 
 Every test drives real sockets (loopback TCP or socketpairs). The ends the
 relay does not own ("the client app" and "the upstream server") are driven

@@ -3,7 +3,7 @@
 The compiled splice engine (``zep._relay``) unless ``ZEP_NO_EXTENSIONS`` is set
 (to anything non-empty), the platform is not Linux, or the extension is not
 built; otherwise the pure-Python relay (``zep._relay_py``). Both implement the
-same contract (DESIGN.md section 3).
+same contract (see ``zep.relay_result``).
 """
 
 from __future__ import annotations

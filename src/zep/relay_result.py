@@ -1,4 +1,16 @@
-"""What a relay reports when a pair of sockets is finished (shared by both relay implementations)."""
+"""The relay contract, and what a relay reports when a pair of sockets is finished.
+
+Both implementations provide::
+
+    async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeout) -> RelayResult
+
+It takes ownership of both connected, non-blocking sockets and closes them when done. The early
+bytes are delivered first. EOF on one side becomes shutdown(SHUT_WR) on the other; the pair ends
+when both directions are finished, when either side fails (both close, a reset is passed on as a
+reset), or after `idle_timeout` seconds with no bytes either way. A side is never read faster than
+the other can take, so memory per pair stays small. Cancelled, it closes the pair at once and
+raises `RelayCancelled` carrying the counts so far.
+"""
 
 from __future__ import annotations
 
