@@ -118,7 +118,8 @@ def test_407_without_credentials(zep_auth, http_a):
         zep_auth.http_port, f"GET http://127.0.0.1:{http_a.port}/whoami HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert status == 407
     assert headers["proxy-authenticate"] == 'Basic realm="zep"'
-    assert "outcome=auth-failed" in zep_auth.wait_for_log("no proxy credentials")
+    line = zep_auth.wait_for_log("no proxy credentials")
+    assert "outcome=auth-failed" in line and f"target=127.0.0.1:{http_a.port}" in line
 
 
 def test_wrong_credentials_rejected_by_curl(zep_auth, https_upstream, ca_file):

@@ -108,9 +108,9 @@ async def serve_http(session: Session) -> None:
                 await _refuse(session, event.status, event.reason, "bad-request")
                 return
             assert isinstance(event, RequestHead), event
+            record.target = format_address((event.host, event.port))
             if not await _authorized(session, event):
                 return
-            record.target = format_address((event.host, event.port))
             if event.method == "CONNECT":
                 upstreams.drop()
                 await _tunnel(session, event, reader.take_leftover())
