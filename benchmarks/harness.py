@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.zepproc import ZepProcess, run_zep, start_zep
+from tests.support.zepproc import ZepProcess, run_zep, start_zep, terminate
 
 HERE = Path(__file__).resolve().parent
 ZEPLOAD_SOURCE = HERE / "zepload.c"
@@ -92,16 +91,6 @@ def wait_listening(port: int, proc: subprocess.Popen, what: str, timeout: float 
     raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 # ------------------------------------------------------------------------------ load generator
 
 class ZepLoad:
@@ -142,7 +131,7 @@ class ZepLoad:
                 ports[name] = int(port)
             yield ports
         finally:
-            stop(proc)
+            terminate(proc)
 
 
 # -------------------------------------------------------------------------------------- systems
@@ -222,7 +211,7 @@ def haproxy(ports: dict[str, int], workdir: Path, maxconn: int) -> Iterator[Syst
                      lambda kind: f"127.0.0.1:{ports[kind]}", socks=False,
                      note="plain TCP forwarder: no SOCKS5 handshake")
     finally:
-        stop(proc)
+        terminate(proc)
 
 
 @contextlib.contextmanager
@@ -235,7 +224,7 @@ def microsocks(ports: dict[str, int], workdir: Path) -> Iterator[System]:
         yield System("microsocks", proc.pid, lambda kind: f"socks5:127.0.0.1:{port}",
                      lambda kind: f"127.0.0.1:{ports[kind]}", socks=True)
     finally:
-        stop(proc)
+        terminate(proc)
 
 
 def ziti_identity(path: Path, ports: dict[str, int]) -> Path:

@@ -84,15 +84,20 @@ def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | Non
             zp = ZepProcess(proc, log_path, _port(info.get("socks5")), _port(info.get("http")))
             yield zp
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            terminate(proc)
             if zp is not None:
                 zp.final_log = log_path.read_text(errors="replace")
+
+
+def terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after 10 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run_zep(*args: str, env: Mapping[str, str] | None = None, extra_pythonpath: Sequence[str] = (),
