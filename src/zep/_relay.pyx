@@ -7,19 +7,26 @@ both sockets, submits the pair (mutex-guarded queue + eventfd wake-up) and
 awaits a future; the engine posts finished pairs to a completion queue whose
 eventfd the asyncio loop watches with ``add_reader``.
 
-Each direction moves bytes socket -> pipe -> socket with
-splice(SPLICE_F_MOVE | SPLICE_F_NONBLOCK). A direction takes a pipe from the
-pool only while it holds data and gives it back as soon as the pipe is empty,
-so idle pairs hold no pipe. A direction where splice says EINVAL falls back to
-recv/send on a fixed buffer. Readiness is edge-triggered: each fd is
+A direction over a byte stream starts with recv/send on a small buffer
+(allocated only while it holds data): for short messages that is two calls
+per hop where splice takes two plus the pipe. A read that fills the buffer
+switches the direction to splice, socket -> pipe -> socket with
+splice(SPLICE_F_MOVE | SPLICE_F_NONBLOCK); a run of small splice reads
+switches it back. A direction takes a pipe from the pool only while it holds
+data and gives it back as soon as the pipe is empty, so idle pairs hold no
+pipe and no buffer. A direction where splice says EINVAL falls back to
+recv/send on a fixed buffer for good. Readiness is edge-triggered: each fd is
 registered once and the engine keeps its own "readable"/"writable" flags,
-cleared on EAGAIN, so there is no epoll_ctl per state change.
+cleared on EAGAIN, or on a short read from a byte stream (its queue was
+empty, and the next arrival raises a new edge), so there is no epoll_ctl per
+state change and no read that only says EAGAIN after a short message.
 """
 
 import asyncio
 import atexit
 import errno as _errno
 import os
+import socket
 import time
 
 from libc.stdint cimport int64_t, uint64_t, uintptr_t
@@ -39,7 +46,10 @@ cdef enum:
     CLIENT = 0
     UPSTREAM = 1
     MAX_EVENTS = 512
-    COPY_BUF = 65536
+    COPY_BUF = 65536      # buffer of a direction where splice is refused
+    SMALL_BUF = 16384     # buffer of a direction that copies small reads
+    SMALL_READ = 4096     # a splice read below this counts as small
+    SMALL_RUN = 8         # this many small splice reads in a row: back to copying
 
 cdef enum:
     RUNNING = 0
@@ -65,7 +75,10 @@ cdef struct Dir:
     size_t early_len
     size_t early_off
     uint64_t bytes        # bytes written to the dst side
-    bint copy_mode        # splice refused: recv/send
+    bint copy_mode        # splice refused: recv/send for good
+    bint small            # small reads: recv/send on SMALL_BUF until a read fills it
+    bint big_read         # a read filled SMALL_BUF: splice once the buffer is out
+    int small_run         # small splice reads in a row
     bint eof              # src said EOF
     bint shut             # EOF passed on: shutdown(dst, SHUT_WR) done
 
@@ -73,6 +86,8 @@ cdef struct Dir:
 cdef struct Pair:
     int fd[2]
     bint rd[2]            # edge-triggered readiness, cleared on EAGAIN
+    bint rdhup[2]         # the peer's FIN was reported: read to EOF
+    bint stream[2]        # SOCK_STREAM: a short read means the queue was empty
     bint wr[2]
     Dir d[2]              # d[0]: client -> upstream, d[1]: upstream -> client
     int64_t idle_ms       # < 0: no idle timeout
@@ -105,6 +120,8 @@ cdef struct Stats:
     uint64_t copy_directions
     uint64_t pipe_bytes_max
     uint64_t wakeups
+    uint64_t to_splice
+    uint64_t to_copy
 
 
 cdef struct Engine:
@@ -235,6 +252,7 @@ cdef int pump_splice(Engine *e, Pair *p, int k) noexcept nogil:
     cdef c.ssize_t n
     cdef int progress = 0
     cdef int err
+    cdef bint was_empty
     # pipe -> dst
     if d.in_pipe > 0 and p.wr[1 - k]:
         n = c.splice(d.pipe_r, NULL, dst, NULL, d.in_pipe, c.SPLICE_F_MOVE | c.SPLICE_F_NONBLOCK)
@@ -256,12 +274,17 @@ cdef int pump_splice(Engine *e, Pair *p, int k) noexcept nogil:
                 return fail(e, p, 1 - k, err)
     # src -> pipe, only while the pipe has room (backpressure)
     if not d.eof and p.rd[k] and d.in_pipe < <size_t>e.pipe_size:
+        was_empty = d.in_pipe == 0
         if d.pipe_r < 0 and not pipe_get(e, d):
             d.copy_mode = True       # out of pipes/fds: this direction copies
             e.st.copy_directions += 1
             return 1
         n = c.splice(src, NULL, d.pipe_w, NULL, e.pipe_size - d.in_pipe, c.SPLICE_F_MOVE | c.SPLICE_F_NONBLOCK)
         if n > 0:
+            if was_empty and n < SMALL_READ and p.stream[k]:
+                d.small_run += 1
+            else:
+                d.small_run = 0
             d.in_pipe += n
             if d.in_pipe > e.st.pipe_bytes_max:
                 e.st.pipe_bytes_max = d.in_pipe
@@ -285,15 +308,23 @@ cdef int pump_splice(Engine *e, Pair *p, int k) noexcept nogil:
                 return fail(e, p, k, err)
     if d.in_pipe == 0 and d.pipe_r >= 0:
         pipe_put(e, d)
+    if d.small_run >= SMALL_RUN and d.in_pipe == 0:
+        # A run of small reads: recv/send costs fewer calls than two splices.
+        d.small_run = 0
+        d.small = True
+        e.st.to_copy += 1
+        progress = 1
     return progress
 
 
 cdef int pump_copy(Engine *e, Pair *p, int k) noexcept nogil:
-    """Direction k with recv/send on a fixed buffer (splice refused)."""
+    """Direction k with recv/send on a buffer: for good where splice is
+    refused (COPY_BUF), or while reads are small (SMALL_BUF, see pump_dir)."""
     cdef Dir *d = &p.d[k]
     cdef int src = p.fd[k]
     cdef int dst = p.fd[1 - k]
     cdef c.ssize_t n
+    cdef size_t size = SMALL_BUF if d.small else COPY_BUF
     cdef int progress = 0
     cdef int err
     if d.buf_off < d.buf_len and p.wr[1 - k]:
@@ -312,13 +343,23 @@ cdef int pump_copy(Engine *e, Pair *p, int k) noexcept nogil:
                 return fail(e, p, 1 - k, err)
     if d.buf_off == d.buf_len:
         d.buf_off = d.buf_len = 0
+        if d.big_read:
+            # Reads fill the small buffer: bulk transfer, splice from now on.
+            d.big_read = False
+            d.small = False
+            d.small_run = 0
+            e.st.to_splice += 1
+            if d.buf != NULL:
+                free(d.buf)
+                d.buf = NULL
+            return 1
         if d.in_pipe > 0:
             # left in the pipe when splice was refused: read it out first
             if d.buf == NULL:
-                d.buf = <char *>malloc(COPY_BUF)
+                d.buf = <char *>malloc(size)
                 if d.buf == NULL:
                     return fail(e, p, k, c.ENOMEM)
-            n = c.read(d.pipe_r, d.buf, COPY_BUF)
+            n = c.read(d.pipe_r, d.buf, size)
             if n > 0:
                 d.buf_len = n
                 d.in_pipe -= n
@@ -327,14 +368,23 @@ cdef int pump_copy(Engine *e, Pair *p, int k) noexcept nogil:
                 pipe_put(e, d)
         elif not d.eof and p.rd[k]:
             if d.buf == NULL:
-                d.buf = <char *>malloc(COPY_BUF)
+                d.buf = <char *>malloc(size)
                 if d.buf == NULL:
                     return fail(e, p, k, c.ENOMEM)
-            n = c.recv(src, d.buf, COPY_BUF, c.MSG_DONTWAIT)
+            n = c.recv(src, d.buf, size, c.MSG_DONTWAIT)
             if n > 0:
                 d.buf_len = n
                 p.last_ms = e.now_ms
                 progress = 1
+                if <size_t>n < size:
+                    # A short read from a byte stream emptied its receive
+                    # queue; with EPOLLET the next arrival raises a new edge,
+                    # so skip the read that would only say EAGAIN. Not after
+                    # a FIN was reported (no further edge comes): read to EOF.
+                    if p.stream[k] and not p.rdhup[k]:
+                        p.rd[k] = False
+                elif d.small:
+                    d.big_read = True
             elif n == 0:
                 d.eof = True
                 progress = 1
@@ -379,7 +429,7 @@ cdef int pump_dir(Engine *e, Pair *p, int k) noexcept nogil:
             d.early = NULL
             d.early_off = d.early_len = 0
         return 1
-    if d.copy_mode:
+    if d.copy_mode or d.small:
         r = pump_copy(e, p, k)
     else:
         r = pump_splice(e, p, k)
@@ -419,6 +469,8 @@ cdef void on_event(Engine *e, Pair *p, int side, unsigned int events) noexcept n
             return
     if events & (c.EPOLLIN | c.EPOLLRDHUP | c.EPOLLHUP | c.EPOLLERR):
         p.rd[side] = True
+    if events & (c.EPOLLRDHUP | c.EPOLLHUP | c.EPOLLERR):
+        p.rdhup[side] = True
     if events & (c.EPOLLOUT | c.EPOLLHUP | c.EPOLLERR):
         p.wr[side] = True
     pump(e, p)
@@ -437,10 +489,14 @@ cdef void start_pair(Engine *e, Pair *p) noexcept nogil:
     if p.idle_ms >= 0:
         if e.next_scan_ms < 0 or p.last_ms + p.idle_ms < e.next_scan_ms:
             e.next_scan_ms = p.last_ms + p.idle_ms
-    if p.force_copy:
-        for k in range(2):
+    for k in range(2):
+        if p.force_copy:
             p.d[k].copy_mode = True
             e.st.copy_directions += 1
+        elif p.stream[k]:
+            # Start by copying: most tunnels carry small messages first;
+            # a read that fills the small buffer switches to splice.
+            p.d[k].small = True
     for k in range(2):
         ev.events = c.EPOLLIN | c.EPOLLOUT | c.EPOLLRDHUP | c.EPOLLET
         ev.data.u64 = <uint64_t><uintptr_t>p | <uint64_t>k
@@ -515,11 +571,14 @@ cdef void post_finished(Engine *e) noexcept nogil:
     cdef Pair *p = e.fin_head
     cdef Pair *nxt
     cdef uint64_t one = 1
-    cdef bint any = False
+    cdef bint wake
     if p == NULL:
         return
     e.fin_head = NULL
     c.pthread_mutex_lock(&e.mu)
+    # Wake asyncio only when the queue was empty: _drain reads the eventfd
+    # before it takes the queue, so a non-empty queue has a wake-up pending.
+    wake = e.cq_head == NULL
     while p != NULL:
         nxt = p.fin_next
         p.posted = True
@@ -531,10 +590,9 @@ cdef void post_finished(Engine *e) noexcept nogil:
             e.cq_head = p
         e.cq_tail = p
         e.st.completed += 1
-        any = True
         p = nxt
     c.pthread_mutex_unlock(&e.mu)
-    if any:
+    if wake:
         c.write(e.cq_efd, &one, 8)
 
 
@@ -654,10 +712,11 @@ cdef class _Engine:
         cdef uint64_t one = 1
         c.write(self.e.sq_efd, &one, 8)
 
-    cdef uintptr_t submit(self, int cfd, int ufd, bytes to_upstream, bytes to_client,
-                          object idle_timeout) except 0:
+    cdef uintptr_t submit(self, int cfd, int ufd, bint cstream, bint ustream, bytes to_upstream,
+                          bytes to_client, object idle_timeout) except 0:
         cdef Pair *p
         cdef int k
+        cdef bint wake
         cdef bytes early
         if not self.running:
             raise RuntimeError("the relay engine is stopped")
@@ -666,6 +725,8 @@ cdef class _Engine:
             raise MemoryError()
         p.fd[CLIENT] = cfd
         p.fd[UPSTREAM] = ufd
+        p.stream[CLIENT] = cstream
+        p.stream[UPSTREAM] = ustream
         for k in range(2):
             p.d[k].pipe_r = p.d[k].pipe_w = -1
             early = to_upstream if k == CLIENT else to_client
@@ -682,6 +743,9 @@ cdef class _Engine:
         p.refs = 2                # the engine's and ours
         with nogil:
             c.pthread_mutex_lock(&self.e.mu)
+            # Only the first pair of a batch wakes the engine: it reads the
+            # eventfd before it takes the queue, so later ones ride along.
+            wake = self.e.sq_head == NULL
             if self.e.sq_tail != NULL:
                 self.e.sq_tail.sq_next = p
             else:
@@ -689,7 +753,8 @@ cdef class _Engine:
             self.e.sq_tail = p
             self.e.st.submitted += 1
             c.pthread_mutex_unlock(&self.e.mu)
-        self._signal()
+        if wake:
+            self._signal()
         return <uintptr_t>p
 
     cdef void cancel(self, uintptr_t ptr) noexcept:
@@ -790,6 +855,8 @@ cdef class _Engine:
             "copy_bytes": s.copy_bytes,
             "copy_directions": s.copy_directions,
             "wakeups": s.wakeups,
+            "small_to_splice": s.to_splice,
+            "splice_to_small": s.to_copy,
         }
 
 
@@ -867,6 +934,9 @@ async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeou
     loop = asyncio.get_running_loop()
     # A socket in blocking mode (no timeout) is the only kind without O_NONBLOCK.
     set_nonblocking = (client.gettimeout() is None, upstream.gettimeout() is None)
+    # Byte streams allow the engine to skip the read that would say EAGAIN.
+    stream = (getattr(client, "type", None) == socket.SOCK_STREAM,
+              getattr(upstream, "type", None) == socket.SOCK_STREAM)
     cfd = client.detach()
     ufd = upstream.detach()
     try:
@@ -880,7 +950,7 @@ async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeou
         w = _Waiter()
         w.loop = loop
         w.fut = loop.create_future()
-        w.ptr = eng.submit(cfd, ufd, bytes(to_upstream), bytes(to_client), idle_timeout)
+        w.ptr = eng.submit(cfd, ufd, stream[0], stream[1], bytes(to_upstream), bytes(to_client), idle_timeout)
     except BaseException:
         for fd in (cfd, ufd):
             if fd >= 0:
