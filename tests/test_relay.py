@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import os
 import socket
@@ -423,7 +422,6 @@ def _absorbed(impl, direction: str) -> int:
     the pipeline swallowed once it stopped taking more."""
 
     async def main():
-        loop = asyncio.get_running_loop()
         p = Pair(unix_pair)
         # Small, fixed kernel buffers so what we measure is mostly the relay.
         for s in (p.app, p.client, p.upstream, p.server):
@@ -452,7 +450,7 @@ def _absorbed(impl, direction: str) -> int:
         src.shutdown(socket.SHUT_WR)
         dst.shutdown(socket.SHUT_WR)
         got = await recv_all(dst)
-        r = await t
+        await t
         p.close_ends()
         assert got == (sent, h.hexdigest())
         return sent, stats
@@ -475,7 +473,6 @@ def test_slow_reader_bounded_memory(impl, direction):
 
 def test_idle_timeout(impl):
     async def main():
-        loop = asyncio.get_running_loop()
         p = Pair()
         t = asyncio.ensure_future(impl.relay(p.client, p.upstream, to_upstream=b"hi", idle_timeout=0.3))
         assert await recv_exact(p.server, 2) == b"hi"
@@ -563,7 +560,6 @@ def test_cancel_many_with_traffic(impl):
     """Cancel pairs in the middle of bulk transfers: every one ends, fds come back."""
 
     async def main():
-        loop = asyncio.get_running_loop()
         pairs = [Pair() for _ in range(20)]
 
         async def guarded(p):
