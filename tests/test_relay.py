@@ -167,10 +167,8 @@ def fd_is_open(fd: int) -> bool:
 # -- transfers -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [tcp_pair, unix_pair], ids=["tcp", "unix"])
-def test_large_transfer_both_ways(impl, make):
-    up = os.urandom(MiB) * 64 + os.urandom(12345)  # >= 64 MiB, not chunk-aligned
-    down = os.urandom(MiB) * 16 + os.urandom(777)
+def exchange(impl, make, up: bytes, down: bytes) -> RelayResult:
+    """Send `up` and `down` through a relayed pair at once, check both arrive intact, return the result."""
 
     async def main():
         p = Pair(make)
@@ -185,6 +183,15 @@ def test_large_transfer_both_ways(impl, make):
     r, (_, got_up, _, got_down) = run(main())
     assert got_up == (len(up), sha(up))
     assert got_down == (len(down), sha(down))
+    return r
+
+
+@pytest.mark.parametrize("make", [tcp_pair, unix_pair], ids=["tcp", "unix"])
+def test_large_transfer_both_ways(impl, make):
+    up = os.urandom(MiB) * 64 + os.urandom(12345)  # >= 64 MiB, not chunk-aligned
+    down = os.urandom(MiB) * 16 + os.urandom(777)
+
+    r = exchange(impl, make, up, down)
     assert r == RelayResult(len(up), len(down), r.seconds, RelayEnd.DONE, "")
     assert r.seconds > 0
 
@@ -193,19 +200,7 @@ def test_large_transfer_both_ways(impl, make):
 def test_tiny_transfers(impl, size_up, size_down):
     up, down = os.urandom(size_up), os.urandom(size_down)
 
-    async def main():
-        p = Pair()
-        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=30))
-        res = await asyncio.gather(
-            send_all(p.app, up), recv_all(p.server), send_all(p.server, down), recv_all(p.app)
-        )
-        r = await t
-        p.close_ends()
-        return r, res
-
-    r, (_, got_up, _, got_down) = run(main())
-    assert got_up == (len(up), sha(up))
-    assert got_down == (len(down), sha(down))
+    r = exchange(impl, tcp_pair, up, down)
     assert (r.bytes_up, r.bytes_down, r.ended) == (size_up, size_down, RelayEnd.DONE)
 
 
