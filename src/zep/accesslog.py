@@ -48,6 +48,12 @@ class AccessRecord:
         if result.error:
             self.detail = result.error
 
+    def add_dial_failure(self, failure: Failure, detail: str) -> None:
+        self.outcome = _dial_outcome(failure)
+        self.detail = detail
+        if failure is Failure.NOT_ALLOWED:
+            self.route = "deny"
+
     def emit(self) -> None:
         seconds = time.monotonic() - self.started
         line = (
@@ -63,7 +69,7 @@ def _quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
-def dial_outcome(failure: Failure) -> str:
+def _dial_outcome(failure: Failure) -> str:
     if failure is Failure.NOT_ALLOWED:
         return "denied"
     if failure is Failure.TIMEOUT:

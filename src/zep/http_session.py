@@ -11,11 +11,10 @@ import dataclasses
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from zep import httpproxy
-from zep.accesslog import dial_outcome
 from zep.auth import parse_basic
 from zep.dial import DialError, Upstream
 from zep.httpproxy import BadMessage, BodyChunk, MessageEnd, RequestHead, ResponseHead
@@ -137,10 +136,14 @@ async def _authorized(session: Session, head: RequestHead) -> bool:
 
 
 async def _refuse(session: Session, status: int, reason: str, outcome: str,
-                  headers: list[tuple[str, str]] | None = None) -> None:
+                  headers: Sequence[tuple[str, str]] = ()) -> None:
     session.record.outcome = outcome
     session.record.detail = reason
-    await session.send(httpproxy.error_response(status, headers=headers or (), body=f"zep: {reason}\n"))
+    await _send_error(session, status, reason, headers)
+
+
+async def _send_error(session: Session, status: int, reason: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+    await session.send(httpproxy.error_response(status, headers=headers, body=f"zep: {reason}\n"))
 
 
 async def _dial(session: Session, host: str, port: int, dial: Callable) -> Upstream | None:
@@ -148,10 +151,8 @@ async def _dial(session: Session, host: str, port: int, dial: Callable) -> Upstr
     try:
         upstream = await dial(host, port)
     except DialError as exc:
-        outcome = dial_outcome(exc.failure)
-        if outcome == "denied":
-            session.record.route = "deny"
-        await _refuse(session, exc.failure.http_status, exc.detail, outcome)
+        session.record.add_dial_failure(exc.failure, exc.detail)
+        await _send_error(session, exc.failure.http_status, exc.detail)
         return None
     session.record.route = upstream.route
     return upstream
@@ -159,14 +160,8 @@ async def _dial(session: Session, host: str, port: int, dial: Callable) -> Upstr
 
 async def _tunnel(session: Session, head: RequestHead, early: bytes) -> None:
     upstream = await _dial(session, head.host, head.port, session.ctx.router.connect)
-    if upstream is None:
-        return
-    try:
-        await session.send(CONNECT_ESTABLISHED)
-    except BaseException:
-        upstream.sock.close()
-        raise
-    await session.relay(upstream.sock, upstream.route, to_upstream=early)
+    if upstream is not None:
+        await session.open_tunnel(CONNECT_ESTABLISHED, upstream, early)
 
 
 def _expects_continue(head: RequestHead) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from zep.accesslog import AccessRecord
 from zep.auth import Credentials
 from zep.config import Settings
+from zep.dial import Upstream
 from zep.relay_result import RelayCancelled, RelayResult
 from zep.routing import Router
 
@@ -49,6 +50,16 @@ class Session:
 
     async def send(self, data: bytes) -> None:
         await send_all(self.loop, self.sock, data)
+
+    async def open_tunnel(self, reply: bytes, upstream: Upstream, early: bytes) -> None:
+        """Tell the client the tunnel is up, then relay until it ends (the relay owns both sockets)."""
+        self.record.route = upstream.route
+        try:
+            await self.send(reply)
+        except BaseException:
+            upstream.sock.close()
+            raise
+        await self.relay(upstream.sock, upstream.route, to_upstream=early)
 
     async def relay(self, upstream: socket.socket, route: str, *, to_upstream: bytes = b"", to_client: bytes = b"") -> None:
         """Hand both sockets to the relay (which owns them from here) and record how it ended."""

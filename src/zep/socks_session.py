@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 from zep import socks5
-from zep.accesslog import dial_outcome
 from zep.dial import DialError
 from zep.server import Session, format_address
 
@@ -22,19 +21,15 @@ async def serve_socks5(session: Session) -> None:
     try:
         upstream = await session.ctx.router.connect(request.host, request.port)
     except DialError as exc:
-        record.outcome = dial_outcome(exc.failure)
-        record.detail = exc.detail
-        if record.outcome == "denied":
-            record.route = "deny"
+        record.add_dial_failure(exc.failure, exc.detail)
         await session.send(socks5.connect_reply(exc.failure.socks_reply))
         return
-    record.route = upstream.route
     try:
-        await session.send(socks5.connect_reply(socks5.SUCCEEDED, upstream.sock.getsockname()))
-    except BaseException:
+        reply = socks5.connect_reply(socks5.SUCCEEDED, upstream.sock.getsockname())
+    except OSError:
         upstream.sock.close()
         raise
-    await session.relay(upstream.sock, upstream.route, to_upstream=request.early)
+    await session.open_tunnel(reply, upstream, request.early)
 
 
 async def _negotiate(session: Session) -> socks5.ConnectRequest | None:
