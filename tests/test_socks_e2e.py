@@ -218,7 +218,7 @@ def test_tunnel_idle_timeout(relay_impl, echo):
             assert reply == 0
             sock.settimeout(10)
             assert sock.recv(1) == b""
-        assert "outcome=idle-timeout" in zp.wait_for_log(f"target=127.0.0.1:{echo.port}")
+        assert "outcome=tunnel-timeout" in zp.wait_for_log(f"target=127.0.0.1:{echo.port}")
 
 
 def test_connections_over_maxconn_are_refused_promptly(relay_impl, echo):

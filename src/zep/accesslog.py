@@ -1,35 +1,141 @@
-"""One access-log line per client connection, written when it closes (logfmt, logger `zep.access`)."""
+"""Access log: one entry per tunnel and per forwarded HTTP request (logger `zep.access`).
+
+An `AccessEntry` is the finished, immutable account of one exchange. `emit()` hands it to every
+observer (metrics, the `zep run` summary) and then writes it as one logfmt line, or one JSON line
+with `configure(json_lines=True)`. Entries never carry credentials, identity contents or query
+strings; `user` is only ever a configured user name (else `?`).
+
+`AccessRecord` is the mutable builder the connection code fills in as things happen.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zep.dial import Failure
+from zep.outcome import Outcome
 from zep.relay_result import RelayEnd, RelayResult
 
 access_logger = logging.getLogger("zep.access")
 
+Observer = Callable[["AccessEntry"], None]
+_observers: list[Observer] = []
+_json_lines = False
+
+
+@dataclass(frozen=True)
+class AccessEntry:
+    client: str  # "127.0.0.1:51234"
+    proto: str  # the listener: "socks5" or "http"
+    target: str  # "host:port" for a tunnel, "http://host:port" for a forwarded request, "-" if none
+    route: str  # "direct", "ziti:intercept", "ziti:<service>", "deny" or "-"
+    user: str  # a configured user name, "-" (no authentication) or "?" (not a configured user)
+    up: int  # bytes sent to the upstream
+    down: int  # bytes sent to the client
+    seconds: float
+    outcome: Outcome
+    detail: str = ""
+    method: str = ""  # HTTP: "CONNECT", "GET", ...; empty for SOCKS5
+    path: str = ""  # forwarded requests: the path, without the query string
+    status: int = 0  # HTTP: the status sent to the client; 0 when none was
+    tenant: str = ""
+
+    @property
+    def route_kind(self) -> str:
+        """A bounded label for metrics: "ziti", "direct", "deny" or "-"."""
+        return self.route.partition(":")[0]
+
+    def fields(self) -> dict[str, object]:
+        """The entry in log order, optional fields only when they say something."""
+        out: dict[str, object] = {"client": self.client, "proto": self.proto}
+        if self.tenant:
+            out["tenant"] = self.tenant
+        if self.method:
+            out["method"] = self.method
+        out["target"] = self.target
+        if self.path:
+            out["path"] = self.path
+        if self.status:
+            out["status"] = self.status
+        out.update(route=self.route, user=self.user, up=self.up, down=self.down,
+                   secs=round(self.seconds, 3), outcome=self.outcome.label, term=self.outcome.code)
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+
+def subscribe(observer: Observer) -> None:
+    _observers.append(observer)
+
+
+def unsubscribe(observer: Observer) -> None:
+    _observers.remove(observer)
+
+
+def configure(*, json_lines: bool) -> None:
+    global _json_lines
+    _json_lines = json_lines
+
+
+def emit(entry: AccessEntry) -> None:
+    for observer in _observers:
+        observer(entry)
+    access_logger.info(format_json(entry) if _json_lines else format_logfmt(entry))
+
+
+def format_logfmt(entry: AccessEntry) -> str:
+    parts = []
+    for name, value in entry.fields().items():
+        if name == "secs":
+            value = f"{value:.3f}"
+        text = str(value)
+        if name == "detail" or not text or any(c in text for c in ' "=\\'):
+            text = f'"{_quote(text)}"'
+        parts.append(f"{name}={text}")
+    return " ".join(parts)
+
+
+def format_json(entry: AccessEntry) -> str:
+    return json.dumps(entry.fields(), separators=(",", ":"))
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
 # How a relay's end reads in the access log. A Ziti route whose upstream fails before it sent a
 # single byte is the overlay dial failing after the SDK's bridge accepted us (see ziti.py).
 _RELAY_OUTCOMES = {
-    RelayEnd.DONE: "ok",
-    RelayEnd.IDLE_TIMEOUT: "idle-timeout",
-    RelayEnd.CLIENT_ERROR: "client-error",
-    RelayEnd.UPSTREAM_ERROR: "upstream-error",
-    RelayEnd.CANCELLED: "cancelled",
+    RelayEnd.DONE: Outcome.OK,
+    RelayEnd.IDLE_TIMEOUT: Outcome.TUNNEL_TIMEOUT,
+    RelayEnd.CLIENT_ERROR: Outcome.CLIENT_ERROR,
+    RelayEnd.UPSTREAM_ERROR: Outcome.UPSTREAM_ERROR,
+    RelayEnd.CANCELLED: Outcome.CANCELLED,
 }
 
 
-def relay_outcome(route: str, result: RelayResult) -> str:
+def relay_outcome(route: str, result: RelayResult) -> Outcome:
     if route.startswith("ziti:") and result.ended is RelayEnd.UPSTREAM_ERROR and result.bytes_down == 0:
-        return "ziti-dial-failed"
+        return Outcome.ZITI_DIAL_FAILED
     return _RELAY_OUTCOMES[result.ended]
+
+
+def dial_outcome(failure: Failure) -> Outcome:
+    if failure is Failure.NOT_ALLOWED:
+        return Outcome.DENIED
+    if failure is Failure.TIMEOUT:
+        return Outcome.DIAL_TIMEOUT
+    return Outcome.DIAL_FAILED
 
 
 @dataclass
 class AccessRecord:
+    """What is known so far about one exchange; `emit()` turns it into an AccessEntry."""
+
     client: str
     proto: str
     target: str = "-"
@@ -37,8 +143,12 @@ class AccessRecord:
     user: str = "-"
     up: int = 0
     down: int = 0
-    outcome: str = "client-error"
+    outcome: Outcome = Outcome.CLIENT_ERROR
     detail: str = ""
+    method: str = ""
+    path: str = ""
+    status: int = 0
+    tenant: str = ""
     started: float = field(default_factory=time.monotonic)
 
     def add_relay(self, route: str, result: RelayResult) -> None:
@@ -49,29 +159,17 @@ class AccessRecord:
             self.detail = result.error
 
     def add_dial_failure(self, failure: Failure, detail: str) -> None:
-        self.outcome = _dial_outcome(failure)
+        self.outcome = dial_outcome(failure)
         self.detail = detail
         if failure is Failure.NOT_ALLOWED:
             self.route = "deny"
 
-    def emit(self) -> None:
-        seconds = time.monotonic() - self.started
-        line = (
-            f"client={self.client} proto={self.proto} target={self.target} route={self.route} "
-            f"user={self.user} up={self.up} down={self.down} secs={seconds:.3f} outcome={self.outcome}"
+    def entry(self) -> AccessEntry:
+        return AccessEntry(
+            client=self.client, proto=self.proto, target=self.target, route=self.route, user=self.user,
+            up=self.up, down=self.down, seconds=time.monotonic() - self.started, outcome=self.outcome,
+            detail=self.detail, method=self.method, path=self.path, status=self.status, tenant=self.tenant,
         )
-        if self.detail:
-            line += f' detail="{_quote(self.detail)}"'
-        access_logger.info(line)
 
-
-def _quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
-
-
-def _dial_outcome(failure: Failure) -> str:
-    if failure is Failure.NOT_ALLOWED:
-        return "denied"
-    if failure is Failure.TIMEOUT:
-        return "dial-timeout"
-    return "dial-failed"
+    def emit(self) -> None:
+        emit(self.entry())

@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 from zep import httpproxy
 from zep.auth import parse_basic
 from zep.dial import DialError, Upstream
+from zep.outcome import Outcome
 from zep.httpproxy import BadMessage, BodyChunk, MessageEnd, RequestHead, ResponseHead
 from zep.server import Session, format_address, recv_some, send_all
 
@@ -97,14 +98,16 @@ async def serve_http(session: Session) -> None:
                     event = await requests.next()
             except TimeoutError:
                 if record.target == "-":
+                    record.outcome = Outcome.REQUEST_TIMEOUT
                     record.detail = f"no complete request within {wait:g} s"
                 return
             if event is None:
                 if record.target == "-":
+                    record.outcome = Outcome.CLIENT_CLOSED
                     record.detail = "client closed before sending a request"
                 return
             if isinstance(event, BadMessage):
-                await _refuse(session, event.status, event.reason, "bad-request")
+                await _refuse(session, event.status, event.reason, Outcome.BAD_REQUEST)
                 return
             assert isinstance(event, RequestHead), event
             record.target = format_address((event.host, event.port))
@@ -116,7 +119,7 @@ async def serve_http(session: Session) -> None:
                 return
             if not await _forward(session, event, requests, upstreams):
                 return
-            record.outcome = "ok"
+            record.outcome = Outcome.OK
             wait = settings.idle_timeout
     finally:
         upstreams.drop()
@@ -131,11 +134,11 @@ async def _authorized(session: Session, head: RequestHead) -> bool:
         session.record.user = given[0]
         return True
     reason = "no proxy credentials" if given is None else f"wrong proxy credentials for user {given[0]!r}"
-    await _refuse(session, 407, reason, "auth-failed", headers=[PROXY_AUTHENTICATE])
+    await _refuse(session, 407, reason, Outcome.AUTH_FAILED, headers=[PROXY_AUTHENTICATE])
     return False
 
 
-async def _refuse(session: Session, status: int, reason: str, outcome: str,
+async def _refuse(session: Session, status: int, reason: str, outcome: Outcome,
                   headers: Sequence[tuple[str, str]] = ()) -> None:
     session.record.outcome = outcome
     session.record.detail = reason
@@ -204,7 +207,7 @@ async def _forward(session: Session, head: RequestHead, requests: EventStream, u
                 return False
             if isinstance(event, BadMessage):
                 upstreams.drop()
-                await _refuse(session, event.status, event.reason, "bad-request")
+                await _refuse(session, event.status, event.reason, Outcome.BAD_REQUEST)
                 return False
             if isinstance(event, BodyChunk):
                 await to_upstream(httpproxy.encode_body(event.data, head.chunked))
@@ -213,7 +216,7 @@ async def _forward(session: Session, head: RequestHead, requests: EventStream, u
                 break
     except _UpstreamSendFailed as exc:
         upstreams.drop()
-        await _refuse(session, 502, f"upstream {record.target} failed while receiving the request: {exc}", "upstream-error")
+        await _refuse(session, 502, f"upstream {record.target} failed while receiving the request: {exc}", Outcome.UPSTREAM_ERROR)
         return False
     return await _relay_response(session, head, upstreams)
 
@@ -236,9 +239,9 @@ async def _relay_response(session: Session, head: RequestHead, upstreams: Upstre
         if isinstance(event, BadMessage):
             upstreams.drop()
             if final is None:
-                await _refuse(session, 502, event.reason, "upstream-error")
+                await _refuse(session, 502, event.reason, Outcome.UPSTREAM_ERROR)
             else:  # the client has the head already: all that is left is to cut it short
-                record.outcome = "upstream-error"
+                record.outcome = Outcome.UPSTREAM_ERROR
                 record.detail = event.reason
             return False
         if isinstance(event, ResponseHead):

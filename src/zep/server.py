@@ -17,6 +17,7 @@ from zep.accesslog import AccessRecord
 from zep.auth import Credentials
 from zep.config import Settings
 from zep.dial import Upstream
+from zep.outcome import Outcome
 from zep.relay_result import RelayCancelled, RelayResult
 from zep.routing import Router
 
@@ -168,7 +169,7 @@ class ProxyServer:
             pass
         finally:
             conn.close()
-        record = AccessRecord(format_address(peer), listener.proto, outcome="refused")
+        record = AccessRecord(format_address(peer), listener.proto, outcome=Outcome.REFUSED)
         record.detail = f"maxconn {limit} reached"
         record.emit()
 
@@ -178,14 +179,14 @@ class ProxyServer:
         try:
             await listener.handler(session)
         except asyncio.CancelledError:
-            record.outcome = "cancelled"
+            record.outcome = Outcome.CANCELLED
             raise
         except OSError as exc:  # the client reset or broke the connection
-            record.outcome = "client-error"
+            record.outcome = Outcome.CLIENT_ERROR
             record.detail = record.detail or str(exc) or type(exc).__name__
         except Exception:
             log.exception("session from %s failed", record.client)
-            record.outcome = "internal-error"
+            record.outcome = Outcome.INTERNAL_ERROR
         finally:
             session.close()
             record.emit()

@@ -6,6 +6,7 @@ import asyncio
 
 from zep import socks5
 from zep.dial import DialError
+from zep.outcome import Outcome
 from zep.server import Session, format_address
 
 # Refusals that are about who the client is rather than what it sent.
@@ -42,13 +43,14 @@ async def _negotiate(session: Session) -> socks5.ConnectRequest | None:
             while True:
                 data = await session.recv()
                 if not data:
+                    record.outcome = Outcome.CLIENT_CLOSED
                     record.detail = "client closed during the SOCKS5 handshake"
                     return None
                 for event in handshake.feed(data):
                     if isinstance(event, socks5.Send):
                         await session.send(event.data)
                     elif isinstance(event, socks5.Refuse):
-                        record.outcome = "auth-failed" if event.data in _AUTH_REFUSALS else "bad-request"
+                        record.outcome = Outcome.AUTH_FAILED if event.data in _AUTH_REFUSALS else Outcome.BAD_REQUEST
                         record.detail = event.reason
                         await session.send(event.data)
                         return None
@@ -56,5 +58,6 @@ async def _negotiate(session: Session) -> socks5.ConnectRequest | None:
                         record.user = handshake.username or "-"
                         return event
     except TimeoutError:
+        record.outcome = Outcome.REQUEST_TIMEOUT
         record.detail = f"no complete SOCKS5 request within {limit:g} s"
         return None
