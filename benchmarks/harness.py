@@ -164,6 +164,10 @@ class Lineup:
 
 
 ZEP_ARGS = ("--maxconn", "20000", "--log-level", "info")
+# The interpreter of another zep installation (e.g. the previous release in its own venv): when
+# set, that zep joins every lineup, so a change is measured against its before in the same run.
+BASELINE_VARIABLE = "ZEP_BENCH_BASELINE_PYTHON"
+BASELINE_NAME = "zep baseline (cython)"
 
 
 def compiled_relay_available() -> str | None:
@@ -255,6 +259,13 @@ def lineup(ports: dict[str, int], *, ziti_path: Path | None = None, ziti_skip: s
         zp = stack.enter_context(start_zep("--direct", *ZEP_ARGS, relay="python"))
         zp.wait_for_log("relay=python")
         result.systems.append(_zep_system("zep (python)", zp, ports))
+        baseline = os.environ.get(BASELINE_VARIABLE)
+        if baseline:
+            zp = stack.enter_context(start_zep("--direct", *ZEP_ARGS, relay="cython", python=baseline))
+            zp.wait_for_log("relay=cython")
+            system = _zep_system(BASELINE_NAME, zp, ports)
+            system.note = f"another build of zep, run by {BASELINE_VARIABLE}: the before of a before/after"
+            result.systems.append(system)
         if shutil.which("haproxy"):
             maxconn = max(256, min(20000, (raise_nofile() - 500) // 3))
             result.systems.append(stack.enter_context(haproxy(ports, workdir, maxconn)))

@@ -66,12 +66,15 @@ def zep_env(env: Mapping[str, str] | None = None, relay: str | None = None,
 
 @contextlib.contextmanager
 def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | None = None,
-              extra_pythonpath: Sequence[str] = (), default_args: bool = True) -> Iterator[ZepProcess]:
-    """Start `python -m zep serve` and wait until it is listening; stop it on exit."""
+              extra_pythonpath: Sequence[str] = (), default_args: bool = True,
+              python: str = sys.executable) -> Iterator[ZepProcess]:
+    """Start `python -m zep serve` and wait until it is listening; stop it on exit.
+
+    `python` may name another environment's interpreter (the benchmarks' baseline build)."""
     with tempfile.TemporaryDirectory(prefix="zep-test-") as tmp:
         ready = Path(tmp, "ready.json")
         log_path = Path(tmp, "zep.log")
-        command = [sys.executable, "-m", "zep", "serve"]
+        command = [python, "-m", "zep", "serve"]
         if default_args:
             command += ["--host", "127.0.0.1", "--socks-port", "0", "--http-port", "0"]
         command += [*args, "--ready-file", str(ready)]
