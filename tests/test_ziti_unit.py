@@ -22,6 +22,7 @@ from tests.support.ziti import (  # noqa: F401  (fixtures)
     ZITI_AUTHENTICATION_FAILED,
     identity_document,
     openziti_path,
+    real_identity_document,
     service,
     standin_library,
     write_identity,
@@ -361,9 +362,7 @@ def test_base64_identity_is_a_private_file_until_close(dialers: list, tmp_path: 
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: p.write_text("{ not json"), "configuration is invalid"),
-    (lambda p: p.write_text(json.dumps({"id": {}})), "configuration is invalid"),
-    (lambda p: p.write_text(json.dumps({"ztAPI": "https://ctrl.example:1280", "id": {}})), "controller is not available"),
+    (lambda p: p.write_text(json.dumps(real_identity_document())), "controller is not available"),
     (lambda p: write_identity(p, load_error=ZITI_AUTHENTICATION_FAILED), "failed to authenticate"),
 ])
 def test_identity_that_fails_to_load(dialers: list, tmp_path: Path, make, message: str) -> None:

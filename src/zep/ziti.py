@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zep.dial import DialError, Failure, Upstream
+from zep.identity_check import InvalidIdentity, check_identity
 
 log = logging.getLogger("zep.ziti")
 
@@ -164,21 +165,22 @@ def describe_sdk_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _controller_of(path: str, label: str) -> str:
-    """The controller URL named by an identity file, for the start-up log (nothing else is read)."""
+def preflight(label: str, data: bytes) -> str:
+    """Check an identity before the SDK sees it (identity_check); returns its controller URL."""
+    try:
+        return check_identity(label, data)
+    except InvalidIdentity as exc:
+        raise ZitiSetupError(str(exc)) from None
+
+
+def read_identity_file(path: str, label: str) -> Identity:
+    """An identity file, checked: the Identity to load, with its controller for the logs."""
     try:
         with open(path, "rb") as f:
-            document = json.load(f)
+            data = f.read()
     except OSError as exc:
         raise ZitiSetupError(f"cannot read Ziti identity {label}: {exc.strerror}") from None
-    except ValueError:
-        return "unknown"  # the SDK decides whether it is an identity
-    if not isinstance(document, dict):
-        return "unknown"
-    controller = document.get("ztAPI")
-    if not controller and isinstance(document.get("ztAPIs"), list) and document["ztAPIs"]:
-        controller = document["ztAPIs"][0]
-    return controller if isinstance(controller, str) and controller else "unknown"
+    return Identity(label, os.path.abspath(path), controller=preflight(label, data))
 
 
 # ----------------------------------------------------------------------------- the SDK
@@ -211,7 +213,7 @@ def load_identities(zitilib: Any, identities: list[Identity], timeout: float) ->
     loaded: list[Identity] = []
     deadline = time.monotonic() + timeout
     for identity in identities:
-        controller = _controller_of(identity.path, identity.label)
+        controller = identity.controller
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ZitiSetupError(f"Ziti identity {identity.label} was not loaded: loading identities took longer "
@@ -235,8 +237,9 @@ def start(settings: Any) -> ZitiDialer:
     timeout = float(getattr(settings, "ziti_load_timeout", 30.0))
     suffix = normalize_suffix(getattr(settings, "ziti_service_suffix", ".ziti"))
 
-    identities = [Identity(path, os.path.abspath(path)) for path in expand_identity_entries(entries)]
+    identities = [read_identity_file(path, path) for path in expand_identity_entries(entries)]
     decoded = decode_identity(encoded) if encoded else None
+    decoded_controller = preflight(ENCODED_LABEL, decoded) if decoded is not None else "unknown"
     if not identities and decoded is None:
         raise ZitiSetupError("no Ziti identity is configured (ZITI_IDENTITIES, ZITI_IDENTITY or --identity)")
     zitilib = import_sdk()
@@ -245,7 +248,8 @@ def start(settings: Any) -> ZitiDialer:
     with _sigterm_unwinds():
         if decoded is not None:
             private = PrivateDirectory()
-            identities.append(Identity(ENCODED_LABEL, private.write("identity.json", decoded)))
+            identities.append(Identity(ENCODED_LABEL, private.write("identity.json", decoded),
+                                       controller=decoded_controller))
         try:
             loaded = load_identities(zitilib, identities, timeout)
         except BaseException:

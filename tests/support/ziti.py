@@ -8,6 +8,8 @@ checked against its published sha256, and cached; nothing of it is ever committe
 
 from __future__ import annotations
 
+import datetime
+import functools
 import hashlib
 import json
 import os
@@ -129,13 +131,45 @@ def service(name: str, addresses: Iterable[str] = (), ports: Iterable[str | int]
     return entry
 
 
+CONTROLLER = "https://controller.standin.test:1280"
+
+
+@functools.lru_cache(maxsize=None)
+def credentials(name: str = "standin-client") -> tuple[str, str]:
+    """A PEM private key and a self-signed PEM certificate for it, made once per test process."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
 def identity_document(services: Iterable[Mapping[str, Any]] = (), **standin: Any) -> dict[str, Any]:
-    """A test identity: the keys a real one has, plus the stand-in's services (and load_delay_ms, load_error)."""
+    """A test identity as the SDK writes one (a real key and certificate, inline with `pem:`), plus
+    the stand-in's services (and load_delay_ms, load_error)."""
+    key, cert = credentials()
     return {
-        "ztAPI": "https://controller.standin.test:1280",
-        "id": {"cert": "pem:standin-cert", "key": "pem:standin-key", "ca": "pem:standin-ca"},
+        "ztAPI": CONTROLLER,
+        "id": {"cert": "pem:" + cert, "key": "pem:" + key, "ca": "pem:" + cert},
         "standin": {"services": list(services), **standin},
     }
+
+
+def real_identity_document() -> dict[str, Any]:
+    """An identity without the stand-in's part: it passes pre-flight, and its controller is unreachable."""
+    document = identity_document()
+    del document["standin"]
+    return document
 
 
 def write_identity(path: Path, services: Iterable[Mapping[str, Any]] = (), **standin: Any) -> Path:
