@@ -23,6 +23,7 @@ from tests.support.ziti import (  # noqa: F401  (fixtures)
     identity_document,
     openziti_path,
     real_identity_document,
+    sdk_on_path,
     service,
     standin_library,
     write_identity,
@@ -113,15 +114,6 @@ def test_start_without_identities_is_an_error() -> None:
 
 
 # ----------------------------------------------------------------------------- on the SDK + stand-in
-
-
-@pytest.fixture(scope="module")
-def sdk_on_path(openziti_path: Path) -> Iterator[Path]:
-    sys.path.insert(0, str(openziti_path))
-    try:
-        yield openziti_path
-    finally:
-        sys.path.remove(str(openziti_path))
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ checked against its published sha256, and cached; nothing of it is ever committe
 
 from __future__ import annotations
 
+import base64
 import datetime
 import functools
 import hashlib
@@ -18,7 +19,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterable, Mapping
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +122,16 @@ def openziti_path(standin_library: Path, tmp_path_factory: pytest.TempPathFactor
     return build_package_dir(fetch_sdist(), standin_library, tmp_path_factory.mktemp("openziti-site"))
 
 
+@pytest.fixture(scope="module")
+def sdk_on_path(openziti_path: Path) -> Iterator[Path]:
+    """The real `openziti` package over the stand-in, importable in the test process."""
+    sys.path.insert(0, str(openziti_path))
+    try:
+        yield openziti_path
+    finally:
+        sys.path.remove(str(openziti_path))
+
+
 # ---------------------------------------------------------------------------------- test identities
 
 def service(name: str, addresses: Iterable[str] = (), ports: Iterable[str | int] = ("1-65535",),
@@ -176,3 +189,39 @@ def write_identity(path: Path, services: Iterable[Mapping[str, Any]] = (), **sta
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(identity_document(services, **standin), indent=2))
     return path
+
+
+# ---------------------------------------------------------------------------------- enrollment tokens
+
+def _base64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def enrollment_claims(path: Path, services: Iterable[Mapping[str, Any]] = (), *, expires_in: float = 3600,
+                      controller: str = CONTROLLER, **standin: Any) -> dict[str, Any]:
+    """The claims of a one-time token (as a controller issues them: iss, sub, jti, em, exp) plus what
+    the stand-in answers with: the key and certificate, the services, its ledger of used tokens
+    (beside the token's file), and switches (enroll_delay_ms)."""
+    key, cert = credentials()
+    return {
+        "iss": controller, "sub": f"identity-{path.stem}", "jti": str(uuid.uuid4()), "em": "ott",
+        "exp": int(time.time() + expires_in),
+        "standin": {"ledger": f"{path}.used", "key": key, "cert": cert, "ca": cert, "services": list(services),
+                    **standin},
+    }
+
+
+def jwt(claims: Mapping[str, Any]) -> str:
+    """A JWT-shaped token: base64url header, claims and (not checked by the stand-in) signature."""
+    header = {"alg": "RS256", "typ": "JWT"}
+    return ".".join([_base64url(json.dumps(header).encode()), _base64url(json.dumps(claims).encode()),
+                     _base64url(b"standin-signature")])
+
+
+def write_enrollment_token(path: Path, services: Iterable[Mapping[str, Any]] = (), **options: Any) -> str:
+    """Write a one-time token to `path` (mode 0600, as a downloaded .jwt should be) and return it."""
+    token = jwt(enrollment_claims(path, services, **options))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token

@@ -16,6 +16,13 @@
  *     it connects to the target, accepts the bridge connection and pumps bytes both ways
  *     (half-close aware). A failed dial closes the listener, so the caller sees a reset.
  *   - Ziti_connect() does the same for a service named directly.
+ *   - Ziti_enroll_identity() takes a JWT-shaped one-time token (header.claims.signature in
+ *     base64url, or a file holding it) whose claims carry, besides the SDK's `iss`, `jti`, `em`
+ *     and `exp`, a "standin" object: the key and certificate the controller would hand out, the
+ *     services of the new identity, and a ledger file that records used tokens. It returns the
+ *     identity JSON (malloc'd, the caller frees it). Malformed: ZITI_JWT_INVALID_FORMAT; used
+ *     before or expired: ZITI_JWT_INVALID, the controller's answer. "enroll_delay_ms" makes the
+ *     controller slow.
  *
  * Test switches per service: "fail_dial" (the overlay dial fails after the bridge connect),
  * "dial_delay_ms" (the overlay dial is slow; the caller is already connected), and
@@ -40,7 +47,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/file.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -49,6 +58,9 @@
 /* Error codes: the values of the real SDK's includes/ziti/errors.h. */
 #define ZITI_OK 0
 #define ZITI_CONFIG_NOT_FOUND (-1)
+#define ZITI_JWT_INVALID (-3)
+#define ZITI_JWT_INVALID_FORMAT (-4)
+#define ZITI_ENROLLMENT_METHOD_UNSUPPORTED (-8)
 #define ZITI_INVALID_CONFIG (-13)
 #define ZITI_AUTHENTICATION_FAILED (-14)
 #define ZITI_CONTROLLER_UNAVAILABLE (-16)
@@ -627,6 +639,171 @@ static int bridge_to(int fd, const struct service *service, const struct sockadd
     return connect(fd, (struct sockaddr *)&addr, len);
 }
 
+/* ------------------------------------------------------------------ enrollment */
+
+/* A growing string, for writing JSON. */
+struct text { char *buf; size_t len, cap; };
+
+static void text_add(struct text *t, const char *s, size_t n) {
+    if (t->len + n + 1 > t->cap) {
+        while (t->len + n + 1 > t->cap) t->cap = t->cap ? t->cap * 2 : 256;
+        t->buf = realloc(t->buf, t->cap);
+    }
+    memcpy(t->buf + t->len, s, n);
+    t->len += n;
+    t->buf[t->len] = '\0';
+}
+
+static void text_str(struct text *t, const char *s) { text_add(t, s, strlen(s)); }
+
+static void json_write_string(struct text *t, const char *s) {
+    text_str(t, "\"");
+    for (; *s; s++) {
+        char esc[8];
+        if (*s == '"' || *s == '\\') { esc[0] = '\\'; esc[1] = *s; text_add(t, esc, 2); }
+        else if (*s == '\n') text_str(t, "\\n");
+        else if ((unsigned char)*s < 0x20) { snprintf(esc, sizeof esc, "\\u%04x", *s); text_str(t, esc); }
+        else text_add(t, s, 1);
+    }
+    text_str(t, "\"");
+}
+
+static void json_write(struct text *t, const json *j) {
+    char num[32];
+    switch (j->type) {
+    case J_NULL: text_str(t, "null"); break;
+    case J_BOOL: text_str(t, j->num ? "true" : "false"); break;
+    case J_NUM: snprintf(num, sizeof num, "%.17g", j->num); text_str(t, num); break;
+    case J_STR: json_write_string(t, j->str); break;
+    case J_ARR: case J_OBJ:
+        text_str(t, j->type == J_OBJ ? "{" : "[");
+        for (const json *m = j->child; m; m = m->next) {
+            if (m != j->child) text_str(t, ",");
+            if (j->type == J_OBJ) { json_write_string(t, m->key); text_str(t, ":"); }
+            json_write(t, m);
+        }
+        text_str(t, j->type == J_OBJ ? "}" : "]");
+        break;
+    }
+}
+
+/* Decode one base64url segment (no padding) into a new NUL-terminated string; NULL if invalid. */
+static char *base64url_decode(const char *s, size_t n) {
+    static const char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    char *out = malloc(n * 3 / 4 + 4);
+    size_t len = 0;
+    unsigned bits = 0, count = 0;
+    for (size_t i = 0; i < n; i++) {
+        const char *c = s[i] ? strchr(alphabet, s[i]) : NULL;
+        if (!c) { free(out); return NULL; }
+        bits = (bits << 6) | (unsigned)(c - alphabet);
+        if ((count += 6) >= 8) out[len++] = (char)(bits >> (count -= 8));
+    }
+    if (n % 4 == 1) { free(out); return NULL; }
+    out[len] = '\0';
+    return out;
+}
+
+static json *decode_segment(const char *s, size_t n) {
+    char *text = base64url_decode(s, n);
+    json *j = text ? json_parse(text) : NULL;
+    free(text);
+    if (j && j->type != J_OBJ) { json_free(j); j = NULL; }
+    return j;
+}
+
+/* The token itself, or the contents of the file it names (the real library tries the file first). */
+static char *token_text(const char *jwt) {
+    struct stat st;
+    char *text = stat(jwt, &st) == 0 && S_ISREG(st.st_mode) ? read_file(jwt) : strdup(jwt);
+    if (text) {
+        size_t n = strlen(text);
+        while (n > 0 && isspace((unsigned char)text[n - 1])) text[--n] = '\0';
+    }
+    return text;
+}
+
+/* Record the token's id in the ledger file; false when it is already there (a one-time token). */
+static bool spend_token(const char *ledger, const char *jti) {
+    int fd = open(ledger, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (fd < 0) return false;
+    flock(fd, LOCK_EX);
+    bool fresh = true;
+    FILE *f = fdopen(dup(fd), "r");
+    char line[NAME_LEN * 2];
+    while (f && fresh && fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\n")] = '\0';
+        fresh = strcmp(line, jti) != 0;
+    }
+    if (f) fclose(f);
+    if (fresh) {
+        fresh = write(fd, jti, strlen(jti)) == (ssize_t)strlen(jti) && write(fd, "\n", 1) == 1;
+    }
+    close(fd); /* also releases the lock */
+    return fresh;
+}
+
+/* The identity document the SDK writes after enrolling (ziti_config_to_json), plus the services. */
+static char *identity_json(const char *controller, const char *key, const char *cert, const char *ca,
+                           const json *services) {
+    struct text t = {0};
+    text_str(&t, "{\"ztAPI\":");
+    json_write_string(&t, controller);
+    text_str(&t, ",\"ztAPIs\":[");
+    json_write_string(&t, controller);
+    text_str(&t, "],\"id\":{\"key\":");
+    json_write_string(&t, key);
+    text_str(&t, ",\"cert\":");
+    json_write_string(&t, cert);
+    if (ca) {
+        text_str(&t, ",\"ca\":");
+        json_write_string(&t, ca);
+    }
+    text_str(&t, "},\"standin\":{\"services\":");
+    if (services) json_write(&t, services);
+    else text_str(&t, "[]");
+    text_str(&t, "}}");
+    return t.buf;
+}
+
+/* Check the token and answer as the controller would; on success, *out is the identity JSON. */
+static int enroll(const char *jwt, const char *key, char **out) {
+    char *token = token_text(jwt);
+    const char *dot1 = token ? strchr(token, '.') : NULL;
+    const char *dot2 = dot1 ? strchr(dot1 + 1, '.') : NULL;
+    if (!dot2 || strchr(dot2 + 1, '.')) {
+        free(token);
+        return ZITI_JWT_INVALID_FORMAT;
+    }
+    json *header = decode_segment(token, (size_t)(dot1 - token));
+    json *claims = decode_segment(dot1 + 1, (size_t)(dot2 - dot1 - 1));
+    free(token);
+    const json *standin = json_get(claims, "standin");
+    const char *controller = json_str(claims, "iss"), *jti = json_str(claims, "jti"), *method = json_str(claims, "em");
+    const char *ledger = json_str(standin, "ledger");
+    const char *cert = json_str(standin, "cert"), *ca = json_str(standin, "ca");
+    key = key ? key : json_str(standin, "key");
+    int rc = ZITI_OK;
+    if (!header || !json_str(header, "alg") || !controller || !jti || !method) {
+        rc = ZITI_JWT_INVALID_FORMAT;
+    } else if (strcmp(method, "ott") != 0) {
+        rc = ZITI_ENROLLMENT_METHOD_UNSUPPORTED;
+    } else if (!standin) {
+        rc = ZITI_CONTROLLER_UNAVAILABLE; /* a real token: its controller cannot be reached from here */
+    } else if (!ledger || !key || !cert || strlen(jti) >= NAME_LEN) {
+        rc = ZITI_JWT_INVALID_FORMAT;
+    } else {
+        sleep_ms(json_int(standin, "enroll_delay_ms", 0)); /* a slow controller */
+        if (json_int(claims, "exp", INT32_MAX) < (long)time(NULL) || !spend_token(ledger, jti))
+            rc = ZITI_JWT_INVALID; /* the controller's INVALID_ENROLLMENT_TOKEN: expired or already used */
+        else
+            *out = identity_json(controller, key, cert, ca, json_get(standin, "services"));
+    }
+    json_free(header);
+    json_free(claims);
+    return rc;
+}
+
 /* ------------------------------------------------------------------ the exported API */
 
 struct version { const char *version, *revision, *build_date; };
@@ -642,6 +819,9 @@ API const char *ziti_errorstr(int err) {
     switch (err) {
     case ZITI_OK: return "OK";
     case ZITI_CONFIG_NOT_FOUND: return "configuration not found";
+    case ZITI_JWT_INVALID: return "JWT not accepted by controller";
+    case ZITI_JWT_INVALID_FORMAT: return "JWT has invalid format";
+    case ZITI_ENROLLMENT_METHOD_UNSUPPORTED: return "unsupported enrollment method";
     case ZITI_INVALID_CONFIG: return "configuration is invalid";
     case ZITI_AUTHENTICATION_FAILED: return "failed to authenticate";
     case ZITI_CONTROLLER_UNAVAILABLE: return "ziti controller is not available";
@@ -781,8 +961,16 @@ API int Ziti_accept(int fd, char *caller, int caller_len) {
 
 API int Ziti_enroll_identity(const char *jwt, const char *key, const char *cert, char **id_json,
                              unsigned long *id_json_len) {
-    (void)jwt, (void)key, (void)cert, (void)id_json, (void)id_json_len;
-    return ZITI_NOT_SUPPORTED;
+    (void)cert; /* only the CA enrollment methods use it; the stand-in speaks one-time tokens (ott) */
+    if (!jwt || !id_json || !id_json_len) return ZITI_INVALID_STATE;
+    char *identity = NULL;
+    int rc = enroll(jwt, key, &identity);
+    if (rc == ZITI_OK) {
+        *id_json = identity; /* malloc'd: the caller frees it with free(), as with the real library */
+        *id_json_len = strlen(identity);
+    }
+    logf_(INFO, "enrollment: %d/%s", rc, ziti_errorstr(rc));
+    return rc;
 }
 
 /* Like the SDK: IP literals pass through; a host some service intercepts gets an address from
