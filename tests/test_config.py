@@ -35,6 +35,27 @@ def test_each_original_variable():
     assert settings({"ZITI_IDENTITY": "eyJ9"}).ziti_identity == "eyJ9"
 
 
+def test_enrollment_settings():
+    s = settings({"ZITI_ENROLL_TOKEN": " eyJ.e30.sig \n", "ZEP_ENROLL_IDENTITY_OUT": "/ids/ci.json"})
+    assert (s.enroll_token, s.enroll_identity_out, s.ziti_configured) == ("eyJ.e30.sig", "/ids/ci.json", True)
+    assert "eyJ" not in repr(s)
+    s = settings({"ZEP_ENROLL_TOKEN_FILE": "/env.jwt"}, "--enroll-token-file", "/run/ci.jwt",
+                 "--enroll-identity-out", "out.json")
+    assert (s.enroll_token_file, s.enroll_identity_out, s.enrolls) == ("/run/ci.jwt", "out.json", True)
+    assert settings({"ZEP_ENROLL_TOKEN_FILE": "-"}).enroll_token_file == "-"
+    with pytest.raises(SystemExit):  # a token never goes on a command line (nor is this --enroll-token-file)
+        settings({}, "--enroll-token", "eyJ.e30.sig")
+
+
+def test_a_token_on_the_command_line_is_refused_without_repeating_it():
+    for args in (["--enroll-token", "eyJhbGciOiJSUzI1NiJ9.e30.c2VjcmV0"], ["--enroll-token=eyJhbGciOiJSUzI1NiJ9.e30.c2VjcmV0"],
+                 ["--enroll-token-file", "eyJhbGciOiJSUzI1NiJ9.e30.c2VjcmV0"]):
+        result = run_zep("serve", *args)
+        assert result.returncode == 2
+        assert "c2VjcmV0" not in result.stderr and "eyJhbGci" not in result.stderr
+        assert "ZITI_ENROLL_TOKEN" in result.stderr.splitlines()[-1]
+
+
 def test_empty_credentials_turn_authentication_off():
     assert not settings({"PROXY_USERNAME": "", "PROXY_PASSWORD": ""}, "--direct").auth_required
 
@@ -69,6 +90,9 @@ def test_flags_win_over_environment():
     ({"PROXY_USERNAME": "only-user", "PROXY_PASSWORD": ""}, [], "must be set together"),
     ({"PROXY_HOST": "0.0.0.0"}, [], "reachable from other machines"),
     ({"PROXY_HOST": "0.0.0.0", "PROXY_USERNAME": "", "PROXY_PASSWORD": ""}, [], "no authentication"),
+    ({"ZITI_ENROLL_TOKEN": "t", "ZEP_ENROLL_TOKEN_FILE": "t.jwt"}, [],
+     "ZITI_ENROLL_TOKEN and ZEP_ENROLL_TOKEN_FILE are both set: use one"),
+    ({"ZEP_ENROLL_IDENTITY_OUT": "id.json"}, [], "ZEP_ENROLL_IDENTITY_OUT is set but there is no enrollment token"),
 ])
 def test_invalid_values_name_the_variable(env, args, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,4 +1,5 @@
-"""Command line: `zep serve` runs the proxy, `zep version` says what is running and which relay."""
+"""Command line: `zep serve` runs the proxy, `zep enroll` turns a one-time token into an identity
+file, `zep version` says what is running and which relay."""
 
 from __future__ import annotations
 
@@ -28,40 +29,94 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("version", help="print the version and the active relay")
     serve = commands.add_parser("serve", help="run the SOCKS5 and HTTP proxy",
                                 description="Flags win over environment variables (see README).")
-    flag = FLAGS
-    serve.add_argument(flag["proxy_host"], dest="proxy_host", metavar="ADDRESS", help="listen address (PROXY_HOST)")
-    serve.add_argument(flag["socks_port"], dest="socks_port", type=int, metavar="PORT", help="SOCKS5 port, 0 for any (SOCKS_PORT)")
-    serve.add_argument(flag["http_port"], dest="http_port", type=int, metavar="PORT", help="HTTP proxy port, 0 for any (HTTP_PORT)")
-    serve.add_argument("--socks", dest="socks_enabled", action=argparse.BooleanOptionalAction, help="serve SOCKS5 (SOCKS_ENABLED)")
-    serve.add_argument("--http", dest="http_enabled", action=argparse.BooleanOptionalAction, help="serve the HTTP proxy (HTTP_ENABLED)")
-    serve.add_argument(flag["username"], dest="username", help="proxy user name (PROXY_USERNAME; empty: no authentication)")
-    serve.add_argument(flag["password"], dest="password", help="proxy password (PROXY_PASSWORD)")
-    serve.add_argument(flag["ziti_identities"], dest="ziti_identities", action="append", metavar="PATH",
-                       help="Ziti identity file or glob; repeatable (ZITI_IDENTITIES)")
-    serve.add_argument(flag["fallback"], dest="fallback", choices=FALLBACK_POLICIES,
-                       help="destinations no Ziti service intercepts: dial directly or deny (ZEP_FALLBACK)")
-    serve.add_argument(flag["direct"], dest="direct", action="store_true", default=None,
-                       help="serve without a Ziti identity, dialing every destination directly (ZEP_DIRECT)")
-    serve.add_argument(flag["allow_remote"], dest="allow_remote", action="store_true", default=None,
-                       help="allow a non-loopback listen address with default or no credentials (ZEP_ALLOW_REMOTE)")
-    for name in ("handshake_timeout", "connect_timeout", "idle_timeout", "ziti_load_timeout"):
-        serve.add_argument(flag[name], dest=name, type=float, metavar="SECONDS", help=f"({ENVIRONMENT[name]})")
-    serve.add_argument(flag["max_connections"], dest="max_connections", type=int, metavar="N",
-                       help="most concurrent client connections (ZEP_MAXCONN)")
-    serve.add_argument(flag["max_head_bytes"], dest="max_head_bytes", type=int, metavar="BYTES",
-                       help="largest HTTP request head (ZEP_MAX_HEAD_BYTES)")
-    serve.add_argument(flag["ziti_service_suffix"], dest="ziti_service_suffix", metavar="SUFFIX",
-                       help="host suffix that names a Ziti service directly (ZEP_ZITI_SERVICE_SUFFIX)")
-    serve.add_argument(flag["log_level"], dest="log_level", choices=LOG_LEVELS, help="(ZEP_LOG_LEVEL)")
-    serve.add_argument(flag["ready_file"], dest="ready_file", metavar="PATH",
-                       help="write the listening addresses here as JSON once ready (ZEP_READY_FILE)")
+    add_serve_arguments(serve)
+    add_enroll_command(commands)
     return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The proxy's settings as flags (`zep serve`, and commands that run the proxy)."""
+    flag = FLAGS
+    parser.add_argument(flag["proxy_host"], dest="proxy_host", metavar="ADDRESS", help="listen address (PROXY_HOST)")
+    parser.add_argument(flag["socks_port"], dest="socks_port", type=int, metavar="PORT", help="SOCKS5 port, 0 for any (SOCKS_PORT)")
+    parser.add_argument(flag["http_port"], dest="http_port", type=int, metavar="PORT", help="HTTP proxy port, 0 for any (HTTP_PORT)")
+    parser.add_argument("--socks", dest="socks_enabled", action=argparse.BooleanOptionalAction, help="serve SOCKS5 (SOCKS_ENABLED)")
+    parser.add_argument("--http", dest="http_enabled", action=argparse.BooleanOptionalAction, help="serve the HTTP proxy (HTTP_ENABLED)")
+    parser.add_argument(flag["username"], dest="username", help="proxy user name (PROXY_USERNAME; empty: no authentication)")
+    parser.add_argument(flag["password"], dest="password", help="proxy password (PROXY_PASSWORD)")
+    parser.add_argument(flag["ziti_identities"], dest="ziti_identities", action="append", metavar="PATH",
+                        help="Ziti identity file or glob; repeatable (ZITI_IDENTITIES)")
+    parser.add_argument(flag["fallback"], dest="fallback", choices=FALLBACK_POLICIES,
+                        help="destinations no Ziti service intercepts: dial directly or deny (ZEP_FALLBACK)")
+    parser.add_argument(flag["direct"], dest="direct", action="store_true", default=None,
+                        help="serve without a Ziti identity, dialing every destination directly (ZEP_DIRECT)")
+    parser.add_argument(flag["allow_remote"], dest="allow_remote", action="store_true", default=None,
+                        help="allow a non-loopback listen address with default or no credentials (ZEP_ALLOW_REMOTE)")
+    for name in ("handshake_timeout", "connect_timeout", "idle_timeout", "ziti_load_timeout"):
+        parser.add_argument(flag[name], dest=name, type=float, metavar="SECONDS", help=f"({ENVIRONMENT[name]})")
+    parser.add_argument(flag["max_connections"], dest="max_connections", type=int, metavar="N",
+                        help="most concurrent client connections (ZEP_MAXCONN)")
+    parser.add_argument(flag["max_head_bytes"], dest="max_head_bytes", type=int, metavar="BYTES",
+                        help="largest HTTP request head (ZEP_MAX_HEAD_BYTES)")
+    parser.add_argument(flag["ziti_service_suffix"], dest="ziti_service_suffix", metavar="SUFFIX",
+                        help="host suffix that names a Ziti service directly (ZEP_ZITI_SERVICE_SUFFIX)")
+    parser.add_argument(flag["log_level"], dest="log_level", choices=LOG_LEVELS, help="(ZEP_LOG_LEVEL)")
+    parser.add_argument(flag["ready_file"], dest="ready_file", metavar="PATH",
+                        help="write the listening addresses here as JSON once ready (ZEP_READY_FILE)")
+    parser.add_argument(flag["enroll_token_file"], dest="enroll_token_file", metavar="FILE",
+                        help="enroll with the one-time token in FILE ('-': stdin), then load the new identity "
+                             "(ZEP_ENROLL_TOKEN_FILE; or the token itself in ZITI_ENROLL_TOKEN)")
+    parser.add_argument(flag["enroll_identity_out"], dest="enroll_identity_out", metavar="PATH",
+                        help="keep the enrolled identity here (mode 0600; loaded instead of enrolling when it "
+                             "exists); default: a private file removed at exit (ZEP_ENROLL_IDENTITY_OUT)")
+    parser.add_argument("--enroll-token", nargs="?", action=RefuseSecretFlag, help=argparse.SUPPRESS)
+
+
+class RefuseSecretFlag(argparse.Action):
+    """A flag that would put a secret on the command line (which every user can read in
+    /proc/PID/cmdline): refused without repeating its value; also stops `--enroll-token` from
+    being taken as an abbreviation of `--enroll-token-file`."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        parser.error(f"{self.option_strings[0]} is not a flag: a token on the command line is readable by every "
+                     "user; put it in ZITI_ENROLL_TOKEN or in a file for --enroll-token-file")
+
+
+def add_enroll_command(commands: argparse._SubParsersAction) -> None:
+    enroll = commands.add_parser("enroll", help="turn a one-time enrollment token into an identity file",
+                                 description="Enroll with the controller named in the token and write the "
+                                             "identity JSON (mode 0600) for --identity / ZITI_IDENTITIES.")
+    enroll.add_argument("--jwt", required=True, metavar="FILE", help="the enrollment token's file; '-' reads stdin")
+    enroll.add_argument("-o", "--out", required=True, metavar="PATH", help="where to write the identity")
+    enroll.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    enroll.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long enrolling may take (default 30)")
+
+
+def enroll_command(args: argparse.Namespace) -> int:
+    """`zep enroll`: one line on stdout when the identity is written, one on stderr when not."""
+    from zep import ziti
+    from zep.enrollment import EnrollmentError, token_from_file
+
+    configure_logging("warning")
+    try:
+        if not args.timeout > 0:
+            raise EnrollmentError("--timeout must be more than 0 seconds")
+        token = token_from_file(args.jwt, "--jwt")
+        controller = ziti.enroll_to_file(token, args.out, args.force, args.timeout, "--timeout")
+    except (EnrollmentError, ziti.ZitiSetupError) as exc:
+        print(f"zep: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"zep: enrolled with {controller}: identity written to {args.out} (mode 0600)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "version":
         return print_version()
+    if args.command == "enroll":
+        return enroll_command(args)
     flags = {key: value for key, value in vars(args).items() if key != "command"}
     try:
         settings = load_settings(os.environ, flags)

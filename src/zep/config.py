@@ -44,14 +44,21 @@ class Settings:
     ziti_service_suffix: str = ".ziti"
     log_level: str = "info"
     ready_file: str | None = None
+    enroll_token: str | None = field(default=None, repr=False)
+    enroll_token_file: str | None = None
+    enroll_identity_out: str | None = None
 
     @property
     def auth_required(self) -> bool:
         return bool(self.username and self.password)
 
     @property
+    def enrolls(self) -> bool:
+        return bool(self.enroll_token or self.enroll_token_file)
+
+    @property
     def ziti_configured(self) -> bool:
-        return bool(self.ziti_identities or self.ziti_identity)
+        return bool(self.ziti_identities or self.ziti_identity or self.enrolls)
 
 
 # Setting name -> environment variable, for the values that come from the environment.
@@ -77,6 +84,9 @@ ENVIRONMENT = {
     "ziti_service_suffix": "ZEP_ZITI_SERVICE_SUFFIX",
     "log_level": "ZEP_LOG_LEVEL",
     "ready_file": "ZEP_READY_FILE",
+    "enroll_token": "ZITI_ENROLL_TOKEN",
+    "enroll_token_file": "ZEP_ENROLL_TOKEN_FILE",
+    "enroll_identity_out": "ZEP_ENROLL_IDENTITY_OUT",
 }
 
 # Setting name -> command-line flag, used to name the culprit in error messages.
@@ -91,6 +101,7 @@ FLAGS.update(
     socks_enabled="--socks",
     http_enabled="--http",
 )
+del FLAGS["enroll_token"]  # never a flag: everyone can read a process's command line
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -125,7 +136,7 @@ def _from_text(name: str, text: str, source: str) -> Any:
     kind = type(getattr(Settings(), name))
     if name == "ziti_identities":
         return _identity_entries(text)
-    if name in ("ziti_identity", "ready_file"):
+    if name in ("ziti_identity", "ready_file", "enroll_token", "enroll_token_file", "enroll_identity_out"):
         return text.strip() or None
     if kind is bool:
         lowered = text.strip().lower()
@@ -154,7 +165,7 @@ def _identity_entries(text: str) -> tuple[str, ...]:
 def _source(name: str, environ: Mapping[str, str], flags: Mapping[str, Any]) -> str:
     if flags.get(name) is not None:
         return FLAGS[name]
-    return ENVIRONMENT.get(name, FLAGS[name])
+    return ENVIRONMENT.get(name) or FLAGS[name]
 
 
 def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any]) -> None:
@@ -171,6 +182,11 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
         raise ConfigError(f"{where('socks_port')} and {where('http_port')} are both {s.socks_port}")
     if s.ziti_identities and s.ziti_identity:
         raise ConfigError("ZITI_IDENTITY and ZITI_IDENTITIES are both set: use one")
+    if s.enroll_token and s.enroll_token_file:
+        raise ConfigError(f"ZITI_ENROLL_TOKEN and {where('enroll_token_file')} are both set: use one")
+    if s.enroll_identity_out and not s.enrolls:
+        raise ConfigError(f"{where('enroll_identity_out')} is set but there is no enrollment token "
+                          "(ZITI_ENROLL_TOKEN or --enroll-token-file)")
     if s.fallback not in FALLBACK_POLICIES:
         raise ConfigError(f"{where('fallback')} must be direct or deny, not {s.fallback!r}")
     if s.log_level not in LOG_LEVELS:
@@ -186,7 +202,7 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
         raise ConfigError("PROXY_USERNAME and PROXY_PASSWORD must be set together (or both empty for no authentication)")
     if not s.ziti_configured and not s.direct:
         raise ConfigError(
-            "no Ziti identity configured (ZITI_IDENTITIES or ZITI_IDENTITY): "
+            "no Ziti identity configured (ZITI_IDENTITIES, ZITI_IDENTITY or ZITI_ENROLL_TOKEN): "
             "pass --direct to dial every destination directly"
         )
     if not _is_loopback(s.proxy_host) and not s.allow_remote:

@@ -1,7 +1,9 @@
 """The Ziti dialer: the only module that imports `openziti`, the official OpenZiti Python SDK.
 
-`start(settings)` loads every configured identity (files, `;` lists, globs, or the base64 of one
-identity in `ZITI_IDENTITY`) with a bounded wait and returns a `ZitiDialer` for the Router.
+`start(settings)` loads every configured identity (files, `;` lists, globs, the base64 of one
+identity in `ZITI_IDENTITY`, or one enrolled now from a one-time token, `ZITI_ENROLL_TOKEN`) with
+a bounded wait and returns a `ZitiDialer` for the Router. Each identity passes zep's pre-flight
+(`identity_check`) before the SDK sees it; `enroll_to_file` is `zep enroll`.
 
 How a target is dialed (the SDK's `Ziti_connect_addr` / `Ziti_connect`, see ZITI.md):
 1. If a service's intercept config matches (host, port) in any loaded identity, dial it.
@@ -38,18 +40,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from zep.dial import DialError, Failure, Upstream
+from zep.enrollment import TOKEN_VARIABLE, EnrollmentError, EnrollmentToken, IdentityOutput, parse_token, token_from_file
 from zep.identity_check import InvalidIdentity, check_identity
 
 log = logging.getLogger("zep.ziti")
 
 INSTALL_HINT = "pip install 'ziti-edge-proxy[ziti]'"
 # `import openziti` would load ZITI_IDENTITIES itself (no globs, no timeout): take them out first.
-IDENTITY_VARIABLES = ("ZITI_IDENTITIES", "ZITI_IDENTITY")
+# None of these may reach what zep starts: they are identities and a one-time enrollment token.
+SECRET_VARIABLES = ("ZITI_IDENTITIES", "ZITI_IDENTITY", TOKEN_VARIABLE)
 ENCODED_LABEL = "ZITI_IDENTITY"
 
 # Ziti error codes (includes/ziti/errors.h in the C SDK).
+ZITI_JWT_INVALID = -3
+ZITI_JWT_INVALID_FORMAT = -4
+ZITI_CONTROLLER_UNAVAILABLE = -16
 ZITI_SERVICE_UNAVAILABLE = -18
 ZITI_TIMEOUT = -20
+LAST_ERROR_CODE = -43  # ZITI_NOT_SUPPORTED
+ENROLL_HINTS = {
+    ZITI_JWT_INVALID: "the controller refused it: it was used before, has expired or was revoked; ask for a new one",
+    ZITI_JWT_INVALID_FORMAT: "it is not an enrollment token",
+    ZITI_CONTROLLER_UNAVAILABLE: "the controller named in the token cannot be reached",
+}
 
 # The SDK does not say which service matched an intercept address, only that one did.
 INTERCEPT_ROUTE = "ziti:intercept"
@@ -165,12 +178,31 @@ def describe_sdk_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+@contextlib.contextmanager
+def _setup_errors() -> Iterator[None]:
+    """Identity and enrollment problems are start-up errors: one line, exit 2."""
+    try:
+        yield
+    except (InvalidIdentity, EnrollmentError) as exc:
+        raise ZitiSetupError(str(exc)) from None
+
+
 def preflight(label: str, data: bytes) -> str:
     """Check an identity before the SDK sees it (identity_check); returns its controller URL."""
-    try:
+    with _setup_errors():
         return check_identity(label, data)
-    except InvalidIdentity as exc:
-        raise ZitiSetupError(str(exc)) from None
+
+
+def configured_token(settings: Any) -> EnrollmentToken | None:
+    """The enrollment token of ZITI_ENROLL_TOKEN or --enroll-token-file, checked, or None."""
+    text = getattr(settings, "enroll_token", None)
+    path = getattr(settings, "enroll_token_file", None)
+    with _setup_errors():
+        if text:
+            return parse_token(text, TOKEN_VARIABLE)
+        if path:
+            return token_from_file(path, "--enroll-token-file")
+    return None
 
 
 def read_identity_file(path: str, label: str) -> Identity:
@@ -187,8 +219,7 @@ def read_identity_file(path: str, label: str) -> Identity:
 
 def import_sdk() -> Any:
     """Import `openziti` with the identity variables out of the environment; returns `openziti.zitilib`."""
-    for name in IDENTITY_VARIABLES:
-        os.environ.pop(name, None)
+    _forget_secret_variables()
     try:
         import openziti  # noqa: F401  (the package's import wires up its native library)
         from openziti import zitilib
@@ -206,6 +237,56 @@ def _shutdown_sdk(zitilib: Any) -> None:
     thread = threading.Thread(target=zitilib.shutdown, name="zep-ziti-shutdown", daemon=True)
     thread.start()
     thread.join(SHUTDOWN_WAIT)
+
+
+def enroll(zitilib: Any, token: EnrollmentToken, timeout: float, setting: str) -> bytes:
+    """Turn a one-time token into identity JSON with the SDK (`openziti.enroll`), within `timeout`.
+
+    The native library can block for ever (it does on a token it cannot parse), so the call runs
+    on a daemon thread that is abandoned when the time is up.
+    """
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["identity"] = zitilib.enroll(token.text)
+        except Exception as exc:  # the SDK raises RuntimeError(ziti_errorstr(code))
+            outcome["error"] = exc
+
+    log.info("ziti: enrolling with the token from %s (controller %s)", token.source, token.controller)
+    thread = threading.Thread(target=call, name="zep-ziti-enroll", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    what = f"enrollment with the token from {token.source}"
+    if thread.is_alive():
+        raise ZitiSetupError(f"{what} did not finish within {timeout:g} s (controller {token.controller}; "
+                             f"{setting}); the token may have been used")
+    if "error" in outcome:
+        message = str(outcome["error"])
+        code = next((c for c in range(-1, LAST_ERROR_CODE - 1, -1) if zitilib.errorstr(c) == message), None)
+        detail = f"{message} (Ziti error {code})" if code is not None else message
+        hint = ENROLL_HINTS.get(code)
+        raise ZitiSetupError(f"{what} failed: {detail}" + (f": {hint}" if hint else ""))
+    identity = outcome["identity"]
+    return identity.encode() if isinstance(identity, str) else bytes(identity)
+
+
+def enroll_to_file(token: EnrollmentToken, path: str, force: bool, timeout: float, setting: str) -> str:
+    """`zep enroll`: enroll and write the identity to `path` (0600); returns its controller."""
+    zitilib = import_sdk()
+    try:
+        with _setup_errors():
+            output = IdentityOutput(path, force)
+        with _sigterm_unwinds():
+            try:
+                data = enroll(zitilib, token, timeout, setting)
+            except BaseException:
+                output.discard()
+                raise
+            output.commit(data)  # the token is spent: keep what it bought, even if it fails the check
+        return preflight(path, data)
+    finally:
+        _shutdown_sdk(zitilib)
 
 
 def load_identities(zitilib: Any, identities: list[Identity], timeout: float) -> list[Identity]:
@@ -231,28 +312,55 @@ def load_identities(zitilib: Any, identities: list[Identity], timeout: float) ->
 
 
 def start(settings: Any) -> ZitiDialer:
-    """Load the configured identities (blocking, bounded) and return the dialer; raises ZitiSetupError."""
+    """Enroll if a token is given, load the configured identities (blocking, bounded) and return the
+    dialer; raises ZitiSetupError. Every identity is checked before the SDK sees it, and before
+    a one-time token is spent."""
+    _forget_secret_variables()
     entries = tuple(getattr(settings, "ziti_identities", ()) or ())
     encoded = getattr(settings, "ziti_identity", None)
     timeout = float(getattr(settings, "ziti_load_timeout", 30.0))
     suffix = normalize_suffix(getattr(settings, "ziti_service_suffix", ".ziti"))
+    out = getattr(settings, "enroll_identity_out", None)
 
     identities = [read_identity_file(path, path) for path in expand_identity_entries(entries)]
     decoded = decode_identity(encoded) if encoded else None
     decoded_controller = preflight(ENCODED_LABEL, decoded) if decoded is not None else "unknown"
-    if not identities and decoded is None:
-        raise ZitiSetupError("no Ziti identity is configured (ZITI_IDENTITIES, ZITI_IDENTITY or --identity)")
+    token = configured_token(settings)
+    if token is not None and out and os.path.exists(out):
+        # Enrolled on an earlier start (the ziti-edge-tunnel container's convention): a one-time
+        # token cannot be used twice, so the identity it gave is loaded instead.
+        log.info("ziti: %s exists: loading it and leaving the enrollment token unused", out)
+        identities.append(read_identity_file(out, out))
+        token = None
+    if not identities and decoded is None and token is None:
+        raise ZitiSetupError("no Ziti identity is configured (ZITI_IDENTITIES, ZITI_IDENTITY, --identity "
+                             "or ZITI_ENROLL_TOKEN)")
     zitilib = import_sdk()
 
     private = None
+    output = None
     with _sigterm_unwinds():
-        if decoded is not None:
-            private = PrivateDirectory()
-            identities.append(Identity(ENCODED_LABEL, private.write("identity.json", decoded),
-                                       controller=decoded_controller))
         try:
+            if decoded is not None:
+                private = PrivateDirectory()
+                identities.append(Identity(ENCODED_LABEL, private.write("identity.json", decoded),
+                                           controller=decoded_controller))
+            if token is not None:
+                if out:
+                    with _setup_errors():
+                        output = IdentityOutput(out, hint=None)
+                data = enroll(zitilib, token, timeout, "ZEP_ZITI_LOAD_TIMEOUT")
+                if output is not None:
+                    label, path = out, output.commit(data)
+                    output = None
+                else:  # for this run only
+                    private = private or PrivateDirectory()
+                    label, path = f"enrolled from {token.source}", private.write("enrolled.json", data)
+                identities.append(Identity(label, path, controller=preflight(label, data)))
             loaded = load_identities(zitilib, identities, timeout)
         except BaseException:
+            if output is not None:
+                output.discard()
             _shutdown_sdk(zitilib)
             if private is not None:
                 private.remove()
@@ -262,6 +370,12 @@ def start(settings: Any) -> ZitiDialer:
              "connection (the SDK does not list them)%s", len(loaded), "y" if len(loaded) == 1 else "ies",
              _text(version.version), f", and <service>{suffix} dials a service by name" if suffix else "")
     return ZitiDialer(zitilib, loaded, suffix, private)
+
+
+def _forget_secret_variables() -> None:
+    """Identities and tokens leave zep's environment once read, so nothing zep starts inherits them."""
+    for name in SECRET_VARIABLES:
+        os.environ.pop(name, None)
 
 
 @contextlib.contextmanager
