@@ -91,6 +91,8 @@ FAILURES: list[tuple[str, Callable[[dict], Any], str]] = [
     ("ca-truncated", setting("id.ca", "pem:" + truncated_der(CERT)), "id.ca is not a PEM certificate bundle"),
     ("key-file-missing", setting("id.key", "file:///nonexistent/zep/key.pem"),
      "id.key refers to /nonexistent/zep/key.pem, which cannot be read (No such file or directory)"),
+    ("cert-path-missing", setting("id.cert", "/nonexistent/zep/cert.pem"),
+     "id.cert refers to /nonexistent/zep/cert.pem, which cannot be read (No such file or directory)"),
     ("cert-file-relative", setting("id.cert", "file:cert.pem"),
      "id.cert is not a usable file: URL (use file:///absolute/path)"),
     ("ca-file-host-only", setting("id.ca", "file://ca.pem"), "id.ca is not a usable file: URL (use file:///absolute/path)"),
@@ -109,6 +111,14 @@ def test_each_failure_names_the_identity_and_the_field(make: Callable[[dict], An
     assert str(caught.value) == f"Ziti identity {LABEL}: {problem}"
     for secret in (KEY, CERT):
         assert secret.splitlines()[2] not in str(caught.value)
+
+
+def test_a_file_named_by_path_is_checked_for_what_it_holds(tmp_path: Path) -> None:
+    cert_file = pem_file(tmp_path, "cert.pem", CERT)
+    with pytest.raises(InvalidIdentity, match=r"id\.key is not a PEM private key$"):
+        check_identity(LABEL, encode(document(key=str(cert_file))))
+    with pytest.raises(InvalidIdentity, match=r"id\.cert is not a PEM certificate$"):
+        check_identity(LABEL, encode(document(cert=f"file://{pem_file(tmp_path, 'key.pem', KEY)}")))
 
 
 def test_key_material_never_appears_in_a_message() -> None:
@@ -135,6 +145,7 @@ def test_forms_the_sdk_accepts(tmp_path: Path) -> None:
         document(key=KEY, cert=CERT, ca=CERT + OTHER_CERT),  # bare PEM (what enrollment writes), a CA bundle
         document(key=f"file://{key_file}", cert=f"file://{cert_file}", ca=f"file:{cert_file}"),
         document(key=f"file://localhost{key_file}", cert=f"file:{cert_file}"),
+        document(key=str(key_file), cert=str(cert_file), ca=str(cert_file)),  # plain file names
         document(key="-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n" + traditional),
         document(key="pkcs11:///usr/lib/softhsm/libsofthsm2.so?slot=0&id=01", cert=None, ca=None),
     ]

@@ -5,9 +5,9 @@ a missing `id` or a controller that is not a URL are logged on its stderr while 
 until the load timeout. So zep checks what the SDK needs (ZITI.md) and names the field at fault:
 
 - a JSON object with a controller: `ztAPI` (a string) or `ztAPIs` (a non-empty list), http(s) URLs;
-- `id.key`: a PEM private key, inline (`pem:` prefix or bare PEM) or `file:` URL as the SDK
-  reads them (`load_key_internal` in the C SDK), or a `pkcs11://` / `keychain:` reference, which
-  names a key held elsewhere and is not checked here;
+- `id.key`: a PEM private key, inline (`pem:` prefix or bare PEM), a `file:` URL or a plain file
+  name, as the SDK reads them (`load_key_internal` in the C SDK, `load_key` in tlsuv), or a
+  `pkcs11://` / `keychain:` reference, which names a key held elsewhere and is not checked here;
 - `id.cert` (required unless the key is such a reference) and `id.ca` (when present): one or more
   PEM certificates in the same forms (`parse_ref`).
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -115,17 +116,23 @@ def _string_field(identity: dict, name: str, fail: Any) -> str:
 
 
 def _material(value: str, field: str, fail: Any) -> str:
-    """The PEM text a field holds or refers to: `file:` URLs are read, `pem:` is stripped."""
+    """The PEM text a field holds or refers to: `pem:` is stripped; `file:` URLs and plain paths
+    are read (the SDK's TLS layer tries a key or certificate string as a file name first)."""
+    if value.startswith("pem:"):
+        return value[len("pem:"):]
     if value.startswith("file:"):
         path = _file_url_path(value)
         if path is None:
             raise fail(f"{field} is not a usable file: URL (use file:///absolute/path)")
-        try:
-            with open(path, "rb") as f:
-                return f.read().decode("ascii", errors="replace")
-        except OSError as exc:
-            raise fail(f"{field} refers to {path}, which cannot be read ({exc.strerror})") from None
-    return value[len("pem:"):] if value.startswith("pem:") else value
+    elif "-----BEGIN" not in value and (value.startswith(("/", "./", "../")) or os.path.isfile(value)):
+        path = value
+    else:
+        return value
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("ascii", errors="replace")
+    except OSError as exc:
+        raise fail(f"{field} refers to {path}, which cannot be read ({exc.strerror})") from None
 
 
 def _file_url_path(value: str) -> str | None:
