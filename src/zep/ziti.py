@@ -271,6 +271,17 @@ def enroll(zitilib: Any, token: EnrollmentToken, timeout: float, setting: str) -
     return identity.encode() if isinstance(identity, str) else bytes(identity)
 
 
+def enroll_into(zitilib: Any, token: EnrollmentToken, output: IdentityOutput, timeout: float, setting: str) -> bytes:
+    """Enroll and write the identity to the claimed output; the claim is dropped if enrolling fails."""
+    try:
+        data = enroll(zitilib, token, timeout, setting)
+    except BaseException:
+        output.discard()
+        raise
+    output.commit(data)  # the token is spent: keep what it bought, even if it then fails pre-flight
+    return data
+
+
 def enroll_to_file(token: EnrollmentToken, path: str, force: bool, timeout: float, setting: str) -> str:
     """`zep enroll`: enroll and write the identity to `path` (0600); returns its controller."""
     zitilib = import_sdk()
@@ -278,12 +289,7 @@ def enroll_to_file(token: EnrollmentToken, path: str, force: bool, timeout: floa
         with _setup_errors():
             output = IdentityOutput(path, force)
         with _sigterm_unwinds():
-            try:
-                data = enroll(zitilib, token, timeout, setting)
-            except BaseException:
-                output.discard()
-                raise
-            output.commit(data)  # the token is spent: keep what it bought, even if it fails the check
+            data = enroll_into(zitilib, token, output, timeout, setting)
         return preflight(path, data)
     finally:
         _shutdown_sdk(zitilib)
@@ -337,30 +343,22 @@ def start(settings: Any) -> ZitiDialer:
                              "or ZITI_ENROLL_TOKEN)")
     zitilib = import_sdk()
 
-    private = None
-    output = None
+    private: PrivateDirectory | None = None
+
+    def private_file(name: str, data: bytes) -> str:
+        nonlocal private
+        private = private or PrivateDirectory()
+        return private.write(name, data)
+
     with _sigterm_unwinds():
         try:
             if decoded is not None:
-                private = PrivateDirectory()
-                identities.append(Identity(ENCODED_LABEL, private.write("identity.json", decoded),
+                identities.append(Identity(ENCODED_LABEL, private_file("identity.json", decoded),
                                            controller=decoded_controller))
             if token is not None:
-                if out:
-                    with _setup_errors():
-                        output = IdentityOutput(out, hint=None)
-                data = enroll(zitilib, token, timeout, "ZEP_ZITI_LOAD_TIMEOUT")
-                if output is not None:
-                    label, path = out, output.commit(data)
-                    output = None
-                else:  # for this run only
-                    private = private or PrivateDirectory()
-                    label, path = f"enrolled from {token.source}", private.write("enrolled.json", data)
-                identities.append(Identity(label, path, controller=preflight(label, data)))
+                identities.append(_enroll_at_start(zitilib, token, out, timeout, private_file))
             loaded = load_identities(zitilib, identities, timeout)
         except BaseException:
-            if output is not None:
-                output.discard()
             _shutdown_sdk(zitilib)
             if private is not None:
                 private.remove()
@@ -370,6 +368,20 @@ def start(settings: Any) -> ZitiDialer:
              "connection (the SDK does not list them)%s", len(loaded), "y" if len(loaded) == 1 else "ies",
              _text(version.version), f", and <service>{suffix} dials a service by name" if suffix else "")
     return ZitiDialer(zitilib, loaded, suffix, private)
+
+
+def _enroll_at_start(zitilib: Any, token: EnrollmentToken, out: str | None, timeout: float,
+                     private_file: Callable[[str, bytes], str]) -> Identity:
+    """The identity a token gives at start-up: kept in `out`, or in a private file for this run."""
+    if out:
+        with _setup_errors():
+            output = IdentityOutput(out, hint=None)  # claimed before the token is spent
+        data = enroll_into(zitilib, token, output, timeout, "ZEP_ZITI_LOAD_TIMEOUT")
+        label = path = out
+    else:
+        data = enroll(zitilib, token, timeout, "ZEP_ZITI_LOAD_TIMEOUT")
+        label, path = f"enrolled from {token.source}", private_file("enrolled.json", data)
+    return Identity(label, os.path.abspath(path), controller=preflight(label, data))
 
 
 def _forget_secret_variables() -> None:
