@@ -359,3 +359,15 @@ def test_enrolling_is_bounded_by_the_timeout(tmp_path: Path, openziti_path: Path
         f"zep: error: enrollment with the token from {token_file} did not finish within 0.5 s "
         f"(controller {CONTROLLER}; --timeout); the token may have been used")
     assert not (tmp_path / "id.json").exists()
+
+
+def test_serve_claims_the_identity_out_before_spending_the_token(tmp_path: Path, openziti_path: Path) -> None:  # noqa: F811
+    token_file = tmp_path / "ci.jwt"
+    write_enrollment_token(token_file)
+    out = tmp_path / "missing-dir" / "ci.json"
+    result = run_zep("serve", "--enroll-token-file", str(token_file), "--enroll-identity-out", str(out),
+                     extra_pythonpath=[str(openziti_path)])
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"zep: error: cannot write the identity to {out}: directory {out.parent} does not exist"]
+    assert used_tokens(token_file) == []
