@@ -11,14 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from zep.errors import ConfigError
+
 DEFAULT_USERNAME = "user"
 DEFAULT_PASSWORD = "password"
 FALLBACK_POLICIES = ("direct", "deny")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class ConfigError(Exception):
-    """Bad configuration: the CLI prints the message on one line and exits with code 2."""
 
 
 @dataclass(frozen=True)
