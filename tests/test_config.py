@@ -63,10 +63,20 @@ def test_empty_credentials_turn_authentication_off():
 def test_zep_variables():
     s = settings({
         "ZEP_FALLBACK": "deny", "ZEP_TIMEOUT_HANDSHAKE": "2.5", "ZEP_TIMEOUT_CONNECT": "3", "ZEP_TIMEOUT_TUNNEL": "60",
-        "ZEP_MAXCONN": "7", "ZEP_LOG_LEVEL": "debug", "ZEP_DIRECT": "yes", "ZEP_ZITI_LOAD_TIMEOUT": "9",
+        "ZEP_MAXCONN": "7", "ZEP_LOG_LEVEL": "debug", "ZITI_IDENTITIES": "a.json", "ZEP_ZITI_LOAD_TIMEOUT": "9",
     })
     assert (s.fallback, s.handshake_timeout, s.connect_timeout, s.idle_timeout) == ("deny", 2.5, 3.0, 60.0)
-    assert (s.max_connections, s.log_level, s.direct, s.ziti_load_timeout) == (7, "debug", True, 9.0)
+    assert (s.max_connections, s.log_level, s.ziti_load_timeout) == (7, "debug", 9.0)
+    assert settings({"ZEP_DIRECT": "yes"}).direct
+
+
+def test_egress_settings():
+    s = settings({"ZEP_EGRESS": "allow *.corp.example:443;deny 10.0.0.0/8\nallow *", "ZEP_EGRESS_DEFAULT": "deny"}, "--direct")
+    assert s.egress_rules == ("allow *.corp.example:443", "deny 10.0.0.0/8", "allow *")
+    assert s.egress_default == "deny" and not s.egress_policy().default_allow
+    flags = settings({"ZEP_EGRESS": "deny *"}, "--direct", "--egress", "allow a.example", "--egress", "deny *",
+                     "--egress-default", "allow")
+    assert flags.egress_rules == ("allow a.example", "deny *") and flags.egress_policy().default_allow
 
 
 def test_flags_win_over_environment():
@@ -86,6 +96,10 @@ def test_flags_win_over_environment():
     ({"ZITI_IDENTITIES": "a.json", "ZITI_IDENTITY": "e30="}, [], "ZITI_IDENTITY and ZITI_IDENTITIES are both set"),
     ({"ZEP_FALLBACK": "maybe"}, [], "ZEP_FALLBACK must be direct or deny"),
     ({"ZEP_TIMEOUT_CONNECT": "0"}, [], "ZEP_TIMEOUT_CONNECT must be more than 0"),
+    ({"ZEP_EGRESS": "allow *; deny 10.0.0.0/33"}, [], 'ZEP_EGRESS: egress rule 2 "deny 10.0.0.0/33": '),
+    ({}, ["--egress", "allow *", "--egress", "block x"], '--egress: egress rule 2 "block x": the action'),
+    ({"ZEP_EGRESS_DEFAULT": "block"}, [], "ZEP_EGRESS_DEFAULT must be allow or deny"),
+    ({"ZEP_FALLBACK": "deny"}, [], "would reach nothing"),
     ({"ZEP_MAXCONN": "0"}, [], "ZEP_MAXCONN must be at least 1"),
     ({"PROXY_USERNAME": "only-user", "PROXY_PASSWORD": ""}, [], "must be set together"),
     ({"PROXY_HOST": "0.0.0.0"}, [], "reachable from other machines"),
@@ -113,6 +127,7 @@ def test_no_identity_and_no_direct_is_refused():
 @pytest.mark.parametrize(("env", "args", "message"), [
     ({"SOCKS_PORT": "99999"}, ["--direct"], "SOCKS_PORT must be a port"),
     ({}, [], "no Ziti identity configured"),
+    ({"ZEP_EGRESS": "allow *:99999"}, ["--direct"], 'ZEP_EGRESS: egress rule 1 "allow *:99999"'),
     ({"PROXY_HOST": "0.0.0.0", "PROXY_USERNAME": "user", "PROXY_PASSWORD": "password"}, ["--direct"], "default credentials"),
 ])
 def test_cli_exits_2_with_one_line(env, args, message):

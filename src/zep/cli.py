@@ -16,6 +16,7 @@ import zep
 from zep.auth import Credentials
 from zep.config import ENVIRONMENT, FALLBACK_POLICIES, FLAGS, LOG_LEVELS, ConfigError, Settings, load_settings
 from zep.dial import Dialer, DirectDialer
+from zep.egress import ACTIONS as EGRESS_DEFAULTS
 from zep.routing import Router
 
 log = logging.getLogger("zep")
@@ -48,8 +49,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ziti identity file or glob; repeatable (ZITI_IDENTITIES)")
     parser.add_argument(flag["fallback"], dest="fallback", choices=FALLBACK_POLICIES,
                         help="destinations no Ziti service intercepts: dial directly or deny (ZEP_FALLBACK)")
+    parser.add_argument(flag["egress_rules"], dest="egress_rules", action="append", metavar="RULE",
+                        help="egress rule for the fallback route, e.g. 'deny 10.0.0.0/8'; repeatable, "
+                             "first match wins (ZEP_EGRESS)")
+    parser.add_argument(flag["egress_default"], dest="egress_default", choices=EGRESS_DEFAULTS,
+                        help="when no egress rule matches (ZEP_EGRESS_DEFAULT)")
     parser.add_argument(flag["direct"], dest="direct", action="store_true", default=None,
-                        help="serve without a Ziti identity, dialing every destination directly (ZEP_DIRECT)")
+                        help="serve without a Ziti identity: every destination takes the fallback route (ZEP_DIRECT)")
     parser.add_argument(flag["allow_remote"], dest="allow_remote", action="store_true", default=None,
                         help="allow a non-loopback listen address with default or no credentials (ZEP_ALLOW_REMOTE)")
     for name in ("handshake_timeout", "connect_timeout", "idle_timeout", "ziti_load_timeout"):
@@ -157,7 +163,10 @@ def serve(settings: Settings) -> int:
             print(f"zep: error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         dialers.append(ziti_runtime)
-    fallback = DirectDialer() if settings.direct or settings.fallback == "direct" else None
+    policy = settings.egress_policy()
+    if settings.fallback == "deny" and not policy.open:
+        log.warning("ZEP_EGRESS / --egress has no effect: with the fallback deny, nothing is dialed outside Ziti")
+    fallback = DirectDialer(policy) if settings.fallback == "direct" else None
     router = Router(dialers, fallback, settings.connect_timeout)
     try:
         return uvloop.run(_serve(settings, router))
@@ -184,7 +193,7 @@ async def _serve(settings: Settings, router: Router) -> int:
         ready["http"] = format_address(server.listen("http", settings.http_port, serve_http, OVERLOADED).address)
 
     log.info("zep %s ready: relay=%s, routes: %s, authentication %s", zep.__version__, relay.IMPLEMENTATION,
-             _describe_routes(router), "required" if credentials else "off")
+             _describe_routes(settings, router), "required" if credentials else "off")
     if settings.ready_file:
         _write_ready_file(settings.ready_file, ready)
 
@@ -198,11 +207,11 @@ async def _serve(settings: Settings, router: Router) -> int:
     return 0
 
 
-def _describe_routes(router: Router) -> str:
-    if not router.dialers:
-        return "every destination is dialed directly (--direct)"
-    fallback = "direct" if router.fallback is not None else "deny"
-    return f"Ziti services first, anything else: {fallback}"
+def _describe_routes(settings: Settings, router: Router) -> str:
+    first = "Ziti services first, anything else" if router.dialers else "every destination (--direct)"
+    if settings.fallback == "deny":
+        return f"{first}: deny"
+    return f"{first}: {settings.fallback} ({settings.egress_policy().describe()})"
 
 
 def _write_ready_file(path: str, ready: dict[str, str]) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from zep.egress import ACTIONS as EGRESS_DEFAULTS
+from zep.egress import EgressPolicy, split_rules
 from zep.errors import ConfigError
 
 DEFAULT_USERNAME = "user"
@@ -31,6 +33,8 @@ class Settings:
     ziti_identities: tuple[str, ...] = ()
     ziti_identity: str | None = field(default=None, repr=False)
     fallback: str = "direct"
+    egress_rules: tuple[str, ...] = ()
+    egress_default: str = "allow"
     direct: bool = False
     allow_remote: bool = False
     handshake_timeout: float = 10.0
@@ -58,6 +62,9 @@ class Settings:
     def ziti_configured(self) -> bool:
         return bool(self.ziti_identities or self.ziti_identity or self.enrolls)
 
+    def egress_policy(self) -> EgressPolicy:
+        return EgressPolicy.parse(self.egress_rules, self.egress_default)
+
 
 # Setting name -> environment variable, for the values that come from the environment.
 ENVIRONMENT = {
@@ -71,6 +78,8 @@ ENVIRONMENT = {
     "ziti_identities": "ZITI_IDENTITIES",
     "ziti_identity": "ZITI_IDENTITY",
     "fallback": "ZEP_FALLBACK",
+    "egress_rules": "ZEP_EGRESS",
+    "egress_default": "ZEP_EGRESS_DEFAULT",
     "direct": "ZEP_DIRECT",
     "allow_remote": "ZEP_ALLOW_REMOTE",
     "handshake_timeout": "ZEP_TIMEOUT_HANDSHAKE",
@@ -94,6 +103,7 @@ FLAGS.update(
     username="--username",
     password="--password",
     ziti_identities="--identity",
+    egress_rules="--egress",
     idle_timeout="--tunnel-timeout",
     max_connections="--maxconn",
     socks_enabled="--socks",
@@ -127,6 +137,8 @@ def _from_flag(name: str, value: Any) -> Any:
         return _from_text(name, value, FLAGS[name])
     if name == "ziti_identities":
         return _identity_entries(";".join(value))
+    if name == "egress_rules":
+        return tuple(rule.strip() for rule in value if rule.strip())
     return value
 
 
@@ -134,6 +146,8 @@ def _from_text(name: str, text: str, source: str) -> Any:
     kind = type(getattr(Settings(), name))
     if name == "ziti_identities":
         return _identity_entries(text)
+    if name == "egress_rules":
+        return tuple(split_rules(text))
     if name in ("ziti_identity", "ready_file", "enroll_token", "enroll_token_file", "enroll_identity_out"):
         return text.strip() or None
     if kind is bool:
@@ -187,6 +201,12 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
                           "(ZITI_ENROLL_TOKEN or --enroll-token-file)")
     if s.fallback not in FALLBACK_POLICIES:
         raise ConfigError(f"{where('fallback')} must be direct or deny, not {s.fallback!r}")
+    if s.egress_default not in EGRESS_DEFAULTS:
+        raise ConfigError(f"{where('egress_default')} must be allow or deny, not {s.egress_default!r}")
+    try:
+        s.egress_policy()
+    except ConfigError as exc:
+        raise ConfigError(f"{where('egress_rules')}: {exc}") from None
     if s.log_level not in LOG_LEVELS:
         raise ConfigError(f"{where('log_level')} must be one of {', '.join(LOG_LEVELS)}, not {s.log_level!r}")
     for name in ("handshake_timeout", "connect_timeout", "idle_timeout", "ziti_load_timeout"):
@@ -198,6 +218,9 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
         raise ConfigError(f"{where('max_head_bytes')} must be at least 1024")
     if bool(s.username) != bool(s.password):
         raise ConfigError("PROXY_USERNAME and PROXY_PASSWORD must be set together (or both empty for no authentication)")
+    if s.direct and s.fallback == "deny":
+        raise ConfigError(f"--direct (ZEP_DIRECT) with {where('fallback')}=deny would reach nothing: "
+                          "every destination takes the fallback route")
     if not s.ziti_configured and not s.direct:
         raise ConfigError(
             "no Ziti identity configured (ZITI_IDENTITIES, ZITI_IDENTITY or ZITI_ENROLL_TOKEN): "

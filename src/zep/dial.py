@@ -17,6 +17,8 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol
 
+from zep.egress import EgressPolicy, parse_address
+
 
 class Failure(enum.Enum):
     """Why a dial failed: (SOCKS5 reply code, HTTP status)."""
@@ -67,18 +69,30 @@ def failure_for_os_error(exc: OSError) -> Failure:
 
 
 class DirectDialer:
-    """Dials the destination itself: async DNS through the loop, happy eyeballs (RFC 8305)."""
+    """Dials the destination itself: async DNS through the loop, happy eyeballs (RFC 8305).
+
+    With an egress policy, a destination the name alone denies is refused before any DNS query,
+    and every resolved address is checked before the connect: only the addresses that were
+    checked and allowed are dialed (no second resolution that DNS rebinding could change).
+    """
 
     HAPPY_EYEBALLS_DELAY = 0.25
 
+    def __init__(self, policy: EgressPolicy | None = None) -> None:
+        self.policy = policy
+
     async def dial(self, host: str, port: int, timeout: float) -> Upstream:
         loop = asyncio.get_running_loop()
+        if self.policy is not None and (verdict := self.policy.refuse_early(host, port)) is not None:
+            raise DialError(Failure.NOT_ALLOWED, verdict.reason)
         try:
             async with asyncio.timeout(timeout):
                 addresses = _literal_address(host, port)
                 if addresses is None:
                     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                     addresses = _interleave_families(infos)
+                if self.policy is not None:
+                    addresses = _allowed_addresses(self.policy, host, port, addresses)
                 sock = await _connect_happy_eyeballs(addresses, self.HAPPY_EYEBALLS_DELAY)
         except TimeoutError:
             raise DialError(Failure.TIMEOUT, f"connect to {host}:{port} timed out after {timeout:g}s") from None
@@ -90,6 +104,23 @@ class DirectDialer:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise DialError(failure_for_os_error(exc), f"connect to {host}:{port} failed: {reason}") from None
         return Upstream(sock, "direct")
+
+
+def _allowed_addresses(policy: EgressPolicy, host: str, port: int,
+                       addresses: list[tuple[int, tuple]]) -> list[tuple[int, tuple]]:
+    """The addresses the policy allows; none: NOT_ALLOWED naming what denied the first one."""
+    allowed, first_denial = [], None
+    for family, sockaddr in addresses:
+        address = parse_address(sockaddr[0])
+        verdict = policy.check(host, port, address)
+        if verdict.allowed:
+            allowed.append((family, sockaddr))
+        elif first_denial is None:
+            first_denial = verdict.reason if address is None or str(address) == host else (
+                f"{verdict.reason} ({host} resolves to {address})")
+    if not allowed:
+        raise DialError(Failure.NOT_ALLOWED, first_denial or f"{host} resolves to no address")
+    return allowed
 
 
 def _literal_address(host: str, port: int) -> list[tuple[int, tuple]] | None:

@@ -1,0 +1,137 @@
+"""Egress rules end to end: `zep serve --direct` with rules, curl through both listeners."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.clients import curl, socks_session
+from tests.support.upstreams import Upstream, http_upstream
+from tests.support.zepproc import ZepProcess, start_zep
+
+CONNECT_AUDIT = str(Path(__file__).parent / "support" / "connect_audit")
+
+
+@pytest.fixture(scope="module")
+def http_c() -> Iterator[Upstream]:
+    with http_upstream("c") as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def connect_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("audit") / "connects.log"
+
+
+@pytest.fixture(scope="module")
+def zep_rules(http_a: Upstream, http_b: Upstream, connect_log: Path) -> Iterator[ZepProcess]:
+    rules = "\n".join([
+        "deny *.blocked.test",
+        f"deny *:{http_b.port}",
+        f"allow 127.0.0.1:{http_a.port}",
+        "deny 127.0.0.0/8",
+        "deny ::1",
+        "allow *",
+    ])
+    with start_zep("--direct", "--connect-timeout", "30", env={"ZEP_EGRESS": rules, "ZEP_TEST_CONNECT_LOG": str(connect_log)},
+                   extra_pythonpath=[CONNECT_AUDIT]) as zp:
+        yield zp
+
+
+def connects(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def via(zp: ZepProcess, listener: str) -> list[str]:
+    return ["--socks5-hostname", f"127.0.0.1:{zp.socks_port}"] if listener == "socks5" else ["-x", f"http://127.0.0.1:{zp.http_port}"]
+
+
+def curl_socks_reply(result) -> int | None:
+    """The SOCKS5 reply code curl 7.x reports on a refused connect: "... connection to HOST. (2)"."""
+    text = result.stderr.decode().strip()
+    if result.returncode != 97 or not text.endswith(")"):
+        return None
+    return int(text.rpartition("(")[2].rstrip(")"))
+
+
+def access_line(zp: ZepProcess, target: str) -> str:
+    return zp.wait_for_log(f"target={target} ")
+
+
+@pytest.mark.parametrize("listener", ["socks5", "http"])
+def test_allowed_by_address_and_port(zep_rules, http_a, listener):
+    result = curl(*via(zep_rules, listener), f"http://127.0.0.1:{http_a.port}/whoami")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["server"] == "a"
+
+
+@pytest.mark.parametrize("listener", ["socks5", "http"])
+def test_a_name_is_dialed_only_at_the_addresses_that_were_allowed(zep_rules, http_a, connect_log, listener):
+    """localhost may resolve to ::1 as well; rule 5 denies that address, so only 127.0.0.1 is dialed."""
+    result = curl(*via(zep_rules, listener), f"http://localhost:{http_a.port}/whoami")
+    assert result.returncode == 0, result.stderr
+    assert f"connect ::1 {http_a.port}" not in connects(connect_log)
+
+
+def test_denied_by_name_before_any_lookup(zep_rules):
+    with socks_session(zep_rules.socks_port, "ci.blocked.test", 443) as (_sock, reply):
+        assert reply == 0x02
+    line = access_line(zep_rules, "ci.blocked.test:443")
+    assert "route=deny" in line and "outcome=denied" in line and 'egress rule 1 \\"deny *.blocked.test\\"' in line
+    result = curl(*via(zep_rules, "http"), "-w", "%{http_code}", "-o", "/dev/null", "http://www.blocked.test/")
+    assert result.stdout == b"403"
+    # The name does not resolve: a lookup would have said so instead of naming the rule.
+    assert 'egress rule 1' in zep_rules.wait_for_log("target=www.blocked.test:80 ")
+
+
+@pytest.mark.parametrize("listener", ["socks5", "http"])
+def test_denied_by_port(zep_rules, http_b, connect_log, listener):
+    result = curl(*via(zep_rules, listener), "-w", "%{http_code}", f"http://127.0.0.1:{http_b.port}/whoami")
+    if listener == "socks5":
+        assert curl_socks_reply(result) == 0x02, result.stderr
+    else:
+        assert result.stdout.endswith(b"403")
+    assert f'egress rule 2 \\"deny *:{http_b.port}\\"' in zep_rules.wait_for_log(f"127.0.0.1:{http_b.port} ")
+    assert not http_b.requests and f"connect 127.0.0.1 {http_b.port}" not in connects(connect_log)
+
+
+def test_denied_by_cidr_over_connect(zep_rules, http_c):
+    result = curl("-p", *via(zep_rules, "http"), "-w", "%{http_connect}", f"http://127.0.0.1:{http_c.port}/whoami")
+    assert result.stdout.endswith(b"403")
+    line = access_line(zep_rules, f"127.0.0.1:{http_c.port}")
+    assert "proto=http" in line and 'egress rule 4 \\"deny 127.0.0.0/8\\"' in line
+    assert not http_c.requests
+
+
+def test_a_name_that_resolves_to_a_denied_address_is_denied(zep_rules, http_c):
+    with socks_session(zep_rules.socks_port, "localhost", http_c.port) as (_sock, reply):
+        assert reply == 0x02
+    line = access_line(zep_rules, f"localhost:{http_c.port}")
+    assert "outcome=denied" in line and "localhost resolves to" in line
+    assert not http_c.requests
+
+
+@pytest.mark.parametrize("listener", ["socks5", "http"])
+def test_metadata_address_denied_before_any_connect(zep_rules, connect_log, listener):
+    result = curl(*via(zep_rules, listener), "-w", "%{http_code}", "http://169.254.169.254/latest/meta-data/")
+    assert curl_socks_reply(result) == 0x02 if listener == "socks5" else result.stdout.endswith(b"403")
+    line = zep_rules.wait_for_log(f"proto={listener} target=169.254.169.254:80 ")
+    assert "outcome=denied" in line and "link-local or cloud metadata" in line
+    assert not [entry for entry in connects(connect_log) if "169.254" in entry]
+
+
+def test_metadata_allowed_by_an_explicit_address_rule(http_a, tmp_path):
+    """With `allow 169.254.169.254:80`, zep does dial it (the test sandbox stops the connect itself)."""
+    log = tmp_path / "connects.log"
+    with start_zep("--direct", env={"ZEP_EGRESS": "allow 169.254.169.254:80; allow *", "ZEP_TEST_CONNECT_LOG": str(log)},
+                   extra_pythonpath=[CONNECT_AUDIT]) as zp:
+        with socks_session(zp.socks_port, "169.254.169.254", 80) as (_sock, reply):
+            assert reply == 0x01  # EACCES from the sandbox, not 0x02 from the policy
+        line = zp.wait_for_log("target=169.254.169.254:80 ")
+        assert "outcome=dial-failed" in line and "route=deny" not in line
+        with socks_session(zp.socks_port, "169.254.169.254", 8080) as (_sock, reply):
+            assert reply == 0x02  # the address rule names port 80 only
+    assert connects(log) == ["connect 169.254.169.254 80"]
