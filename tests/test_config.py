@@ -86,6 +86,19 @@ def test_flags_win_over_environment():
     assert settings({}, "--identity", "a.json", "--identity", "b/*.json").ziti_identities == ("a.json", "b/*.json")
 
 
+def test_upstream_proxy_settings():
+    s = settings({"ZEP_UPSTREAM_PROXY": "http://u:pw@corp:3128", "ZEP_UPSTREAM_NO_PROXY": ".corp.example,10.0.0.0/8"},
+                 "--direct")
+    assert s.fallback == "proxy"  # an upstream proxy makes `proxy` the default fallback
+    upstream = s.upstream()
+    assert (upstream.label, upstream.username, upstream.password) == ("http://corp:3128", "u", "pw")
+    assert upstream.no_proxy.matches("git.corp.example", 443) and "pw" not in repr(s)
+    assert settings({"ZEP_UPSTREAM_PROXY": "http://corp:3128", "ZEP_FALLBACK": "direct"}, "--direct").fallback == "direct"
+    flags = settings({}, "--direct", "--upstream-proxy", "socks5h://gw:1080", "--upstream-no-proxy", "*")
+    assert flags.fallback == "proxy" and flags.upstream().no_proxy.everything
+    assert settings({}, "--direct").upstream() is None
+
+
 @pytest.mark.parametrize(("env", "args", "message"), [
     ({"SOCKS_PORT": "70000"}, [], "SOCKS_PORT must be a port from 0 to 65535"),
     ({}, ["--http-port", "-1"], "--http-port must be a port"),
@@ -94,12 +107,16 @@ def test_flags_win_over_environment():
     ({"SOCKS_ENABLED": "false", "HTTP_ENABLED": "0"}, [], "both false"),
     ({"SOCKS_PORT": "9000", "HTTP_PORT": "9000"}, [], "SOCKS_PORT and HTTP_PORT are both 9000"),
     ({"ZITI_IDENTITIES": "a.json", "ZITI_IDENTITY": "e30="}, [], "ZITI_IDENTITY and ZITI_IDENTITIES are both set"),
-    ({"ZEP_FALLBACK": "maybe"}, [], "ZEP_FALLBACK must be direct or deny"),
+    ({"ZEP_FALLBACK": "maybe"}, [], "ZEP_FALLBACK must be direct, deny or proxy"),
     ({"ZEP_TIMEOUT_CONNECT": "0"}, [], "ZEP_TIMEOUT_CONNECT must be more than 0"),
     ({"ZEP_EGRESS": "allow *; deny 10.0.0.0/33"}, [], 'ZEP_EGRESS: egress rule 2 "deny 10.0.0.0/33": '),
     ({}, ["--egress", "allow *", "--egress", "block x"], '--egress: egress rule 2 "block x": the action'),
     ({"ZEP_EGRESS_DEFAULT": "block"}, [], "ZEP_EGRESS_DEFAULT must be allow or deny"),
     ({"ZEP_FALLBACK": "deny"}, [], "would reach nothing"),
+    ({"ZEP_FALLBACK": "proxy"}, [], "ZEP_FALLBACK=proxy needs an upstream proxy"),
+    ({"ZEP_UPSTREAM_PROXY": "ftp://h:1"}, [], "ZEP_UPSTREAM_PROXY: the upstream proxy must be"),
+    ({}, ["--upstream-proxy", "http://h:x"], "--upstream-proxy: the upstream proxy URL is malformed"),
+    ({"ZEP_UPSTREAM_PROXY": "http://h:1", "ZEP_UPSTREAM_NO_PROXY": "a:b"}, [], "ZEP_UPSTREAM_NO_PROXY: no-proxy entry"),
     ({"ZEP_MAXCONN": "0"}, [], "ZEP_MAXCONN must be at least 1"),
     ({"PROXY_USERNAME": "only-user", "PROXY_PASSWORD": ""}, [], "must be set together"),
     ({"PROXY_HOST": "0.0.0.0"}, [], "reachable from other machines"),

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import zep
 from zep.auth import Credentials
 from zep.config import ENVIRONMENT, FALLBACK_POLICIES, FLAGS, LOG_LEVELS, ConfigError, Settings, load_settings
-from zep.dial import Dialer, DirectDialer
+from zep.dial import Dialer
 from zep.egress import ACTIONS as EGRESS_DEFAULTS
-from zep.routing import Router
+from zep.routing import Router, fallback_dialer
 
 log = logging.getLogger("zep")
 
@@ -48,7 +48,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(flag["ziti_identities"], dest="ziti_identities", action="append", metavar="PATH",
                         help="Ziti identity file or glob; repeatable (ZITI_IDENTITIES)")
     parser.add_argument(flag["fallback"], dest="fallback", choices=FALLBACK_POLICIES,
-                        help="destinations no Ziti service intercepts: dial directly or deny (ZEP_FALLBACK)")
+                        help="destinations no Ziti service intercepts: dial directly, deny, or go through the "
+                             "upstream proxy (ZEP_FALLBACK; default proxy when one is set, else direct)")
+    parser.add_argument(flag["upstream_proxy"], dest="upstream_proxy", metavar="URL",
+                        help="http://[user:pass@]host:port or socks5h://...: the proxy the fallback route 'proxy' "
+                             "goes through; prefer the variable for credentials (ZEP_UPSTREAM_PROXY)")
+    parser.add_argument(flag["upstream_no_proxy"], dest="upstream_no_proxy", metavar="LIST",
+                        help="destinations that go direct instead: names, .suffix, *, IPs/CIDRs, host:port "
+                             "(ZEP_UPSTREAM_NO_PROXY)")
     parser.add_argument(flag["egress_rules"], dest="egress_rules", action="append", metavar="RULE",
                         help="egress rule for the fallback route, e.g. 'deny 10.0.0.0/8'; repeatable, "
                              "first match wins (ZEP_EGRESS)")
@@ -163,10 +170,12 @@ def serve(settings: Settings) -> int:
             print(f"zep: error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         dialers.append(ziti_runtime)
-    policy = settings.egress_policy()
+    policy, upstream = settings.egress_policy(), settings.upstream()
     if settings.fallback == "deny" and not policy.open:
         log.warning("ZEP_EGRESS / --egress has no effect: with the fallback deny, nothing is dialed outside Ziti")
-    fallback = DirectDialer(policy) if settings.fallback == "direct" else None
+    if upstream is not None and settings.fallback != "proxy":
+        log.warning("the upstream proxy %s is not used: the fallback is %s", upstream.label, settings.fallback)
+    fallback = fallback_dialer(settings.fallback, policy, upstream)
     router = Router(dialers, fallback, settings.connect_timeout)
     try:
         return uvloop.run(_serve(settings, router))
@@ -211,7 +220,13 @@ def _describe_routes(settings: Settings, router: Router) -> str:
     first = "Ziti services first, anything else" if router.dialers else "every destination (--direct)"
     if settings.fallback == "deny":
         return f"{first}: deny"
-    return f"{first}: {settings.fallback} ({settings.egress_policy().describe()})"
+    route = settings.fallback
+    upstream = settings.upstream()
+    if route == "proxy" and upstream is not None:
+        route = f"through the upstream proxy {upstream.label}"
+        if upstream.no_proxy.entries or upstream.no_proxy.everything:
+            route += " (no-proxy exceptions direct)"
+    return f"{first}: {route} ({settings.egress_policy().describe()})"
 
 
 def _write_ready_file(path: str, ready: dict[str, str]) -> None:

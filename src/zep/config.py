@@ -14,10 +14,11 @@ from typing import Any
 from zep.egress import ACTIONS as EGRESS_DEFAULTS
 from zep.egress import EgressPolicy, split_rules
 from zep.errors import ConfigError
+from zep.upstream import NoProxy, UpstreamProxy
 
 DEFAULT_USERNAME = "user"
 DEFAULT_PASSWORD = "password"
-FALLBACK_POLICIES = ("direct", "deny")
+FALLBACK_POLICIES = ("direct", "deny", "proxy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -35,6 +36,8 @@ class Settings:
     fallback: str = "direct"
     egress_rules: tuple[str, ...] = ()
     egress_default: str = "allow"
+    upstream_proxy: str | None = field(default=None, repr=False)  # may carry credentials
+    upstream_no_proxy: str = ""
     direct: bool = False
     allow_remote: bool = False
     handshake_timeout: float = 10.0
@@ -65,6 +68,11 @@ class Settings:
     def egress_policy(self) -> EgressPolicy:
         return EgressPolicy.parse(self.egress_rules, self.egress_default)
 
+    def upstream(self) -> UpstreamProxy | None:
+        if not self.upstream_proxy:
+            return None
+        return UpstreamProxy.parse(self.upstream_proxy, self.upstream_no_proxy)
+
 
 # Setting name -> environment variable, for the values that come from the environment.
 ENVIRONMENT = {
@@ -80,6 +88,8 @@ ENVIRONMENT = {
     "fallback": "ZEP_FALLBACK",
     "egress_rules": "ZEP_EGRESS",
     "egress_default": "ZEP_EGRESS_DEFAULT",
+    "upstream_proxy": "ZEP_UPSTREAM_PROXY",
+    "upstream_no_proxy": "ZEP_UPSTREAM_NO_PROXY",
     "direct": "ZEP_DIRECT",
     "allow_remote": "ZEP_ALLOW_REMOTE",
     "handshake_timeout": "ZEP_TIMEOUT_HANDSHAKE",
@@ -127,6 +137,8 @@ def load_settings(environ: Mapping[str, str], flags: Mapping[str, Any]) -> Setti
             values[f.name] = _from_text(f.name, environ[ENVIRONMENT[f.name]], ENVIRONMENT[f.name])
         else:
             values[f.name] = getattr(defaults, f.name)
+    if values["upstream_proxy"] and _source_given("fallback", environ, flags) is None:
+        values["fallback"] = "proxy"  # an upstream proxy is there to be used
     settings = Settings(**values)
     _validate(settings, environ, flags)
     return settings
@@ -148,7 +160,8 @@ def _from_text(name: str, text: str, source: str) -> Any:
         return _identity_entries(text)
     if name == "egress_rules":
         return tuple(split_rules(text))
-    if name in ("ziti_identity", "ready_file", "enroll_token", "enroll_token_file", "enroll_identity_out"):
+    if name in ("ziti_identity", "ready_file", "enroll_token", "enroll_token_file", "enroll_identity_out",
+                "upstream_proxy"):
         return text.strip() or None
     if kind is bool:
         lowered = text.strip().lower()
@@ -175,9 +188,16 @@ def _identity_entries(text: str) -> tuple[str, ...]:
 
 
 def _source(name: str, environ: Mapping[str, str], flags: Mapping[str, Any]) -> str:
+    return _source_given(name, environ, flags) or ENVIRONMENT.get(name) or FLAGS[name]
+
+
+def _source_given(name: str, environ: Mapping[str, str], flags: Mapping[str, Any]) -> str | None:
+    """The flag or variable that set `name`; None when it has its default."""
     if flags.get(name) is not None:
         return FLAGS[name]
-    return ENVIRONMENT.get(name) or FLAGS[name]
+    if name in ENVIRONMENT and ENVIRONMENT[name] in environ:
+        return ENVIRONMENT[name]
+    return None
 
 
 def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any]) -> None:
@@ -200,7 +220,14 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
         raise ConfigError(f"{where('enroll_identity_out')} is set but there is no enrollment token "
                           "(ZITI_ENROLL_TOKEN or --enroll-token-file)")
     if s.fallback not in FALLBACK_POLICIES:
-        raise ConfigError(f"{where('fallback')} must be direct or deny, not {s.fallback!r}")
+        raise ConfigError(f"{where('fallback')} must be direct, deny or proxy, not {s.fallback!r}")
+    try:
+        s.upstream()
+    except ConfigError as exc:
+        culprit = where("upstream_no_proxy") if str(exc).startswith("no-proxy") else where("upstream_proxy")
+        raise ConfigError(f"{culprit}: {exc}") from None
+    if s.fallback == "proxy" and not s.upstream_proxy:
+        raise ConfigError(f"{where('fallback')}=proxy needs an upstream proxy: set ZEP_UPSTREAM_PROXY or --upstream-proxy")
     if s.egress_default not in EGRESS_DEFAULTS:
         raise ConfigError(f"{where('egress_default')} must be allow or deny, not {s.egress_default!r}")
     try:

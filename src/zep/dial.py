@@ -45,7 +45,10 @@ class DialError(Exception):
 @dataclass(frozen=True)
 class Upstream:
     sock: socket.socket  # connected and non-blocking; whoever receives it owns it
-    route: str  # "direct" or "ziti:<service>"
+    route: str  # "direct", "proxy" or "ziti:<service>"
+    # Bytes from the destination that arrived with the upstream proxy's answer: the client gets
+    # them first (the relay's `to_client`), before anything read from `sock`.
+    early_down: bytes = b""
 
 
 class Dialer(Protocol):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from zep.dial import Dialer, DialError, Failure, Upstream
+from zep.dial import Dialer, DialError, DirectDialer, Failure, Upstream
+from zep.egress import EgressPolicy
+from zep.upstream import UpstreamProxy
+from zep.upstream_dial import UpstreamProxyDialer
 
 
 class Router:
@@ -30,3 +33,33 @@ class Router:
         if upstream is None:
             raise DialError(Failure.HOST_UNREACHABLE, f"no route to {host}:{port}")
         return upstream
+
+
+class ProxyOrDirect:
+    """The fallback route through an upstream proxy: its no-proxy exceptions go direct.
+
+    The egress policy applies on both paths: by name and by every resolved address when direct,
+    by name (and IP literal) through the proxy, which resolves names itself.
+    """
+
+    def __init__(self, proxy: UpstreamProxy, policy: EgressPolicy) -> None:
+        self.no_proxy = proxy.no_proxy
+        self.direct = DirectDialer(policy)
+        self.via_proxy = UpstreamProxyDialer(proxy, policy)
+
+    async def dial(self, host: str, port: int, timeout: float) -> Upstream:
+        dialer = self.direct if self.no_proxy.matches(host, port) else self.via_proxy
+        return await dialer.dial(host, port, timeout)
+
+
+def fallback_dialer(route: str, policy: EgressPolicy, proxy: UpstreamProxy | None) -> Dialer | None:
+    """What carries destinations no overlay dialer serves: `direct`, `proxy` or `deny` (None).
+
+    Built from values a tenant can carry, the global settings being the default."""
+    if route == "deny":
+        return None
+    if route == "proxy":
+        if proxy is None:
+            raise ValueError("the proxy fallback needs an upstream proxy")
+        return ProxyOrDirect(proxy, policy)
+    return DirectDialer(policy)

@@ -60,7 +60,7 @@ class Session:
         except BaseException:
             upstream.sock.close()
             raise
-        await self.relay(upstream.sock, upstream.route, to_upstream=early)
+        await self.relay(upstream.sock, upstream.route, to_upstream=early, to_client=upstream.early_down)
 
     async def relay(self, upstream: socket.socket, route: str, *, to_upstream: bytes = b"", to_client: bytes = b"") -> None:
         """Hand both sockets to the relay (which owns them from here) and record how it ended."""

@@ -43,6 +43,17 @@ def recv_until_eof(sock: socket.socket) -> bytes:
     return data
 
 
+def recv_head(sock: socket.socket) -> bytes:
+    """An HTTP head up to and without its blank line; b"" if the peer closed first."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(4096)
+        if not data:
+            return b""
+        head += data
+    return head.split(b"\r\n\r\n", 1)[0]
+
+
 def socks_connect_request(host: str, port: int, command: int = 1) -> bytes:
     try:
         packed = socket.inet_pton(socket.AF_INET, host)
