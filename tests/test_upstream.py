@@ -87,3 +87,11 @@ def test_the_dialer_returns_the_bytes_that_came_with_the_connect_answer():
         upstream = asyncio.run(UpstreamProxyDialer(UpstreamProxy.parse(proxy.url())).dial("early.test", 25, 5))
     with upstream.sock:
         assert (upstream.route, upstream.early_down) == ("proxy", EARLY_BYTES)
+
+
+def test_the_proxy_route_is_a_bounded_route_kind():
+    from zep.accesslog import AccessEntry
+    from zep.outcome import Outcome
+
+    entry = AccessEntry("127.0.0.1:1", "socks5", "a.example:443", "proxy", "-", 0, 0, 0.0, Outcome.OK)
+    assert entry.route_kind == "proxy"

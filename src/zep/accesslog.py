@@ -32,7 +32,7 @@ class AccessEntry:
     client: str  # "127.0.0.1:51234"
     proto: str  # the listener: "socks5" or "http"
     target: str  # "host:port" for a tunnel, "http://host:port" for a forwarded request, "-" if none
-    route: str  # "direct", "ziti:intercept", "ziti:<service>", "deny" or "-"
+    route: str  # "direct", "proxy" (the upstream proxy), "ziti:intercept", "ziti:<service>", "deny" or "-"
     user: str  # a configured user name, "-" (no authentication) or "?" (not a configured user)
     up: int  # bytes sent to the upstream
     down: int  # bytes sent to the client
@@ -46,7 +46,7 @@ class AccessEntry:
 
     @property
     def route_kind(self) -> str:
-        """A bounded label for metrics: "ziti", "direct", "deny" or "-"."""
+        """A bounded label for metrics: "ziti", "direct", "proxy", "deny" or "-"."""
         return self.route.partition(":")[0]
 
     def fields(self) -> dict[str, object]:

@@ -17,6 +17,7 @@ from zep.auth import Credentials
 from zep.config import ENVIRONMENT, FALLBACK_POLICIES, FLAGS, LOG_LEVELS, ConfigError, Settings, load_settings
 from zep.dial import Dialer
 from zep.egress import ACTIONS as EGRESS_DEFAULTS
+from zep.proxy_env import remove_self_proxies
 from zep.routing import Router, fallback_dialer
 
 log = logging.getLogger("zep")
@@ -159,6 +160,8 @@ def configure_logging(level: str) -> None:
 def serve(settings: Settings) -> int:
     import uvloop
 
+    listening = [(settings.socks_enabled, settings.socks_port), (settings.http_enabled, settings.http_port)]
+    remove_self_proxies(os.environ, settings.proxy_host, [port for enabled, port in listening if enabled])
     dialers: list[Dialer] = []
     ziti_runtime = None
     if settings.ziti_configured:

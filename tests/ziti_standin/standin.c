@@ -804,6 +804,20 @@ static int enroll(const char *jwt, const char *key, char **out) {
     return rc;
 }
 
+/* The real library reaches its controller through the proxy in `http_proxy`: say which proxy
+ * variables this process has (names only: values may carry credentials). */
+static void log_proxy_variables(void) {
+    static const char *names[] = {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"};
+    char seen[128] = "";
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if (getenv(names[i])) {
+            strcat(seen, " ");
+            strcat(seen, names[i]);
+        }
+    }
+    logf_(INFO, "proxy variables seen by the library:%s", seen[0] ? seen : " none");
+}
+
 /* ------------------------------------------------------------------ the exported API */
 
 struct version { const char *version, *revision, *build_date; };
@@ -850,6 +864,7 @@ API int Ziti_load_context_with_timeout(uint32_t *handle, const char *identity, i
         *handle = ctx->handle;
         pthread_mutex_unlock(&lock);
         logf_(INFO, "loaded identity[%s] as ztx[%u] with %d services", identity, ctx->handle, ctx->n_services);
+        log_proxy_variables();
     } else {
         logf_(WARN, "fail to load identity file[%s]: %d/%s", identity, rc, ziti_errorstr(rc));
     }
