@@ -88,3 +88,28 @@ def test_refused_and_bad_names():
 def test_errno_mapping(code, failure, reply):
     assert failure_for_os_error(OSError(code, "x")) is failure
     assert failure.socks_reply == reply
+
+
+def test_only_the_addresses_the_policy_allows_are_dialed():
+    from zep.dial import _allowed_addresses
+    from zep.egress import EgressPolicy
+
+    addresses = [(socket.AF_INET6, ("::1", 80, 0, 0)), (socket.AF_INET, ("127.0.0.1", 80))]
+    one_denied = EgressPolicy.parse(["deny ::1", "allow *"])
+    assert _allowed_addresses(one_denied, "dual.example", 80, addresses) == [(socket.AF_INET, ("127.0.0.1", 80))]
+    with pytest.raises(DialError) as caught:
+        _allowed_addresses(EgressPolicy.parse(["deny ::1", "deny 127.0.0.0/8"]), "dual.example", 80, addresses)
+    assert caught.value.failure is Failure.NOT_ALLOWED
+    assert caught.value.detail == 'egress rule 1 "deny ::1" (dual.example resolves to ::1)'
+
+
+def test_a_denied_resolved_address_is_never_connected(listener):
+    from zep.egress import EgressPolicy
+
+    port = listener.getsockname()[1]
+    with pytest.raises(DialError) as caught:
+        run(DirectDialer(EgressPolicy.parse(["deny 127.0.0.0/8", "deny ::1"])).dial("localhost", port, 5))
+    assert caught.value.failure is Failure.NOT_ALLOWED and "(localhost resolves to " in caught.value.detail
+    listener.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        listener.accept()

@@ -11,6 +11,7 @@ import pytest
 from tests.support.clients import curl, socks_session
 from tests.support.upstreams import Upstream, http_upstream
 from tests.support.zepproc import ZepProcess, start_zep
+from tests.support.ziti import openziti_path, service, standin_library, write_identity  # noqa: F401  (fixtures)
 
 CONNECT_AUDIT = str(Path(__file__).parent / "support" / "connect_audit")
 
@@ -69,22 +70,21 @@ def test_allowed_by_address_and_port(zep_rules, http_a, listener):
 
 
 @pytest.mark.parametrize("listener", ["socks5", "http"])
-def test_a_name_is_dialed_only_at_the_addresses_that_were_allowed(zep_rules, http_a, connect_log, listener):
-    """localhost may resolve to ::1 as well; rule 5 denies that address, so only 127.0.0.1 is dialed."""
+def test_a_name_is_dialed_at_the_address_that_was_checked(zep_rules, http_a, connect_log, listener):
+    """localhost resolves to 127.0.0.1, which rule 3 allows on this port; rule 5 denies ::1."""
+    before = len(connects(connect_log))
     result = curl(*via(zep_rules, listener), f"http://localhost:{http_a.port}/whoami")
     assert result.returncode == 0, result.stderr
-    assert f"connect ::1 {http_a.port}" not in connects(connect_log)
+    assert connects(connect_log)[before:] == [f"connect 127.0.0.1 {http_a.port}"]
 
 
-def test_denied_by_name_before_any_lookup(zep_rules):
-    with socks_session(zep_rules.socks_port, "ci.blocked.test", 443) as (_sock, reply):
-        assert reply == 0x02
-    line = access_line(zep_rules, "ci.blocked.test:443")
+@pytest.mark.parametrize("listener", ["socks5", "http"])
+def test_denied_by_name_before_any_lookup(zep_rules, listener):
+    """The name does not resolve: had zep looked it up, the failure would say so, not name the rule."""
+    result = curl(*via(zep_rules, listener), "-w", "%{http_code}", f"http://{listener}.blocked.test/")
+    assert curl_socks_reply(result) == 0x02 if listener == "socks5" else result.stdout.endswith(b"403")
+    line = access_line(zep_rules, f"{listener}.blocked.test:80")
     assert "route=deny" in line and "outcome=denied" in line and 'egress rule 1 \\"deny *.blocked.test\\"' in line
-    result = curl(*via(zep_rules, "http"), "-w", "%{http_code}", "-o", "/dev/null", "http://www.blocked.test/")
-    assert result.stdout == b"403"
-    # The name does not resolve: a lookup would have said so instead of naming the rule.
-    assert 'egress rule 1' in zep_rules.wait_for_log("target=www.blocked.test:80 ")
 
 
 @pytest.mark.parametrize("listener", ["socks5", "http"])
@@ -98,11 +98,13 @@ def test_denied_by_port(zep_rules, http_b, connect_log, listener):
     assert not http_b.requests and f"connect 127.0.0.1 {http_b.port}" not in connects(connect_log)
 
 
-def test_denied_by_cidr_over_connect(zep_rules, http_c):
-    result = curl("-p", *via(zep_rules, "http"), "-w", "%{http_connect}", f"http://127.0.0.1:{http_c.port}/whoami")
-    assert result.stdout.endswith(b"403")
-    line = access_line(zep_rules, f"127.0.0.1:{http_c.port}")
-    assert "proto=http" in line and 'egress rule 4 \\"deny 127.0.0.0/8\\"' in line
+@pytest.mark.parametrize("listener", ["socks5", "http"])
+def test_denied_by_cidr(zep_rules, http_c, listener):
+    tunnel = ["-p", "-w", "%{http_connect}"] if listener == "http" else []
+    result = curl(*tunnel, *via(zep_rules, listener), f"http://127.0.0.1:{http_c.port}/whoami")
+    assert curl_socks_reply(result) == 0x02 if listener == "socks5" else result.stdout.endswith(b"403")
+    line = zep_rules.wait_for_log(f"proto={listener} target=127.0.0.1:{http_c.port} ")
+    assert 'egress rule 4 \\"deny 127.0.0.0/8\\"' in line
     assert not http_c.requests
 
 
@@ -135,3 +137,16 @@ def test_metadata_allowed_by_an_explicit_address_rule(http_a, tmp_path):
         with socks_session(zp.socks_port, "169.254.169.254", 8080) as (_sock, reply):
             assert reply == 0x02  # the address rule names port 80 only
     assert connects(log) == ["connect 169.254.169.254 80"]
+
+
+def test_ziti_services_are_not_governed_by_the_egress_policy(tmp_path: Path, openziti_path: Path, http_a, http_b):
+    """`deny *` stops the fallback route only: a Ziti service is governed by Ziti's own policy."""
+    identity = write_identity(tmp_path / "id.json", [service("web-b", ["b.example.test"], ["80"], f"127.0.0.1:{http_b.port}")])
+    with start_zep("--identity", str(identity), env={"ZEP_EGRESS": "deny *"}, extra_pythonpath=[str(openziti_path)]) as zp:
+        for listener in ("socks5", "http"):
+            result = curl(*via(zp, listener), "http://b.example.test/whoami")
+            assert result.returncode == 0 and json.loads(result.stdout)["server"] == "b", result.stderr
+            denied = curl(*via(zp, listener), "-w", "%{http_code}", f"http://127.0.0.1:{http_a.port}/whoami")
+            assert curl_socks_reply(denied) == 0x02 if listener == "socks5" else denied.stdout.endswith(b"403")
+        assert "route=ziti:intercept" in zp.wait_for_log("target=b.example.test:80 ")
+        assert 'egress rule 1 \\"deny *\\"' in zp.wait_for_log(f"target=127.0.0.1:{http_a.port} ")

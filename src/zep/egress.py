@@ -223,7 +223,7 @@ def _parse_pattern(pattern: str) -> dict:
         return {}
     if "%" in pattern:
         raise ValueError("an address rule cannot carry a scope id")
-    if any(c.isdigit() for c in pattern[:1]) or ":" in pattern or "/" in pattern:
+    if pattern[:1].isdigit() or ":" in pattern or "/" in pattern:
         try:
             return {"network": ipaddress.ip_network(pattern, strict=True)}
         except ValueError as exc:
