@@ -79,23 +79,11 @@ class UpstreamProxyDialer:
                     await self._http_connect(sock, reader, host, port, label)
                 else:
                     await self._socks5_connect(sock, reader, host, port, label)
-        except TimeoutError:
-            _close(sock)
-            raise DialError(Failure.TIMEOUT, f"{label} did not connect {_authority(host, port)} "
-                                             f"within {timeout:g}s") from None
-        except DialError as exc:
-            _close(sock)
-            if sock is None:  # the proxy itself could not be reached
-                failure = Failure.TIMEOUT if exc.failure is Failure.TIMEOUT else Failure.GENERAL
-                raise DialError(failure, f"{label} cannot be reached: {exc.detail}") from None
-            raise
-        except _ProxyTrouble as exc:
-            _close(sock)
-            raise DialError(Failure.GENERAL, f"{label} {exc}") from None
-        except OSError as exc:
-            _close(sock)
-            raise DialError(Failure.GENERAL, f"{label} failed during the handshake: {exc.strerror or exc}") from None
-        return Upstream(sock, ROUTE, bytes(reader.buffer))
+            return Upstream(sock, ROUTE, bytes(reader.buffer))
+        except BaseException as exc:
+            if sock is not None:
+                sock.close()
+            raise _as_dial_error(exc, label, sock is None, _authority(host, port), timeout) from None
 
     async def _http_connect(self, sock: socket.socket, reader: _HandshakeReader, host: str, port: int,
                             label: str) -> None:
@@ -115,10 +103,10 @@ class UpstreamProxyDialer:
         status = int(status_text)
         if 200 <= status < 300:
             return
+        if status == 407 and self.proxy.has_credentials:
+            raise DialError(Failure.GENERAL, f"upstream proxy refused zep's credentials (407 from {self.proxy.label})")
         if status == 407:
-            raise DialError(Failure.GENERAL, "upstream proxy refused zep's credentials (407 from " + self.proxy.label + ")"
-                            if self.proxy.has_credentials else
-                            f"{label} asks for credentials and none are configured (407)")
+            raise DialError(Failure.GENERAL, f"{label} asks for credentials and none are configured (407)")
         raise DialError(_HTTP_FAILURES.get(status, Failure.GENERAL),
                         f"{label} answered CONNECT {authority} with {status} {reason}".rstrip())
 
@@ -155,6 +143,20 @@ class UpstreamProxyDialer:
             raise DialError(failure, f"{label} could not connect {_authority(host, port)}: SOCKS5 reply {reply:#04x}")
 
 
+def _as_dial_error(exc: BaseException, label: str, unreached: bool, target: str, timeout: float) -> BaseException:
+    """What a failed handshake raises: a DialError naming the proxy; anything else (cancellation) as it is."""
+    if isinstance(exc, TimeoutError):
+        return DialError(Failure.TIMEOUT, f"{label} did not connect {target} within {timeout:g}s")
+    if isinstance(exc, DialError) and unreached:  # the proxy itself could not be reached
+        failure = Failure.TIMEOUT if exc.failure is Failure.TIMEOUT else Failure.GENERAL
+        return DialError(failure, f"{label} cannot be reached: {exc.detail}")
+    if isinstance(exc, _ProxyTrouble):
+        return DialError(Failure.GENERAL, f"{label} {exc}")
+    if isinstance(exc, OSError):
+        return DialError(Failure.GENERAL, f"{label} failed during the handshake: {exc.strerror or exc}")
+    return exc
+
+
 def _socks_address(host: str, label: str) -> bytes:
     try:
         address = ipaddress.ip_address(host)
@@ -168,8 +170,3 @@ def _socks_address(host: str, label: str) -> bytes:
 
 def _authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _close(sock: socket.socket | None) -> None:
-    if sock is not None:
-        sock.close()
