@@ -125,6 +125,16 @@ def test_metadata_address_denied_before_any_connect(zep_rules, connect_log, list
     assert not [entry for entry in connects(connect_log) if "169.254" in entry]
 
 
+@pytest.mark.parametrize("spelling", ["2852039166", "0xa9.0xfe.0xa9.0xfe", "169.254.43518"])
+def test_other_spellings_of_the_metadata_address_are_caught_after_resolution(zep_rules, connect_log, spelling):
+    """Not IP literals to zep, but the resolver reads them as 169.254.169.254: the resolved address is checked."""
+    with socks_session(zep_rules.socks_port, spelling, 80) as (_sock, reply):
+        assert reply == 0x02
+    line = access_line(zep_rules, f"{spelling}:80")
+    assert "link-local or cloud metadata" in line and f"({spelling} resolves to 169.254.169.254)" in line
+    assert not [entry for entry in connects(connect_log) if "169.254" in entry]
+
+
 def test_metadata_allowed_by_an_explicit_address_rule(http_a, tmp_path):
     """With `allow 169.254.169.254:80`, zep does dial it (the test sandbox stops the connect itself)."""
     log = tmp_path / "connects.log"
