@@ -7,7 +7,7 @@ Every problem is a `ConfigError` whose message names the variable or flag at fau
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -221,19 +221,13 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
                           "(ZITI_ENROLL_TOKEN or --enroll-token-file)")
     if s.fallback not in FALLBACK_POLICIES:
         raise ConfigError(f"{where('fallback')} must be direct, deny or proxy, not {s.fallback!r}")
-    try:
-        s.upstream()
-    except ConfigError as exc:
-        culprit = where("upstream_no_proxy") if str(exc).startswith("no-proxy") else where("upstream_proxy")
-        raise ConfigError(f"{culprit}: {exc}") from None
+    _check_parses(where("upstream_no_proxy"), NoProxy.parse, s.upstream_no_proxy)
+    _check_parses(where("upstream_proxy"), s.upstream)
     if s.fallback == "proxy" and not s.upstream_proxy:
         raise ConfigError(f"{where('fallback')}=proxy needs an upstream proxy: set ZEP_UPSTREAM_PROXY or --upstream-proxy")
     if s.egress_default not in EGRESS_DEFAULTS:
         raise ConfigError(f"{where('egress_default')} must be allow or deny, not {s.egress_default!r}")
-    try:
-        s.egress_policy()
-    except ConfigError as exc:
-        raise ConfigError(f"{where('egress_rules')}: {exc}") from None
+    _check_parses(where("egress_rules"), s.egress_policy)
     if s.log_level not in LOG_LEVELS:
         raise ConfigError(f"{where('log_level')} must be one of {', '.join(LOG_LEVELS)}, not {s.log_level!r}")
     for name in ("handshake_timeout", "connect_timeout", "idle_timeout", "ziti_load_timeout"):
@@ -262,6 +256,14 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
                 f"{where('proxy_host')}={s.proxy_host} is reachable from other machines and zep would accept "
                 f"{weak}: set PROXY_USERNAME/PROXY_PASSWORD, or pass --allow-remote if you mean it"
             )
+
+
+def _check_parses(source: str, parse: Callable[..., object], *args: object) -> None:
+    """Run a value's parser; its ConfigError gets the name of the variable or flag in front."""
+    try:
+        parse(*args)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _is_loopback(host: str) -> bool:
