@@ -110,12 +110,14 @@ def test_the_connect_timeout_covers_the_proxy_handshake(zep_via_http):
     assert "outcome=dial-timeout" in line and "did not connect silent.test:443 within 2s" in line
 
 
-def test_bytes_after_the_connect_answer_reach_the_client_first(zep_via_http):
-    with socks_session(zep_via_http.socks_port, "early.test", 25) as (sock, reply):
-        assert reply == 0x00
-        assert recv_exactly(sock, len(EARLY_BYTES)) == EARLY_BYTES
-        sock.sendall(b"EHLO zep\r\n")
-        assert recv_exactly(sock, 10) == b"EHLO zep\r\n"
+def test_bytes_after_the_connect_answer_reach_the_client_first(corp_proxy, relay_impl):
+    with start_zep("--direct", relay=relay_impl, env={"ZEP_UPSTREAM_PROXY": corp_proxy.url()}) as zp:
+        with socks_session(zp.socks_port, "early.test", 25) as (sock, reply):
+            assert reply == 0x00
+            assert recv_exactly(sock, len(EARLY_BYTES)) == EARLY_BYTES
+            sock.sendall(b"EHLO zep\r\n")
+            assert recv_exactly(sock, 10) == b"EHLO zep\r\n"
+        assert f"down={len(EARLY_BYTES) + 10} " in zp.wait_for_log("target=early.test:25 ")
 
 
 def test_wrong_credentials_are_general_failures_with_a_clear_detail(corp_proxy, http_a):
@@ -199,6 +201,14 @@ def test_socks5_upstream_replies_map_onto_the_same_failures(zep_via_socks, socks
             assert http_connect_status(zep_via_socks, host, port) == status, host
             line = zep_via_socks.wait_for_log(f"proto=socks5 target={host}:{port} ")
             assert f"SOCKS5 reply {reply:#04x}" in line
+
+
+def test_a_destination_that_speaks_first_through_a_socks5_upstream(zep_via_socks, speak_first):
+    """Its greeting may arrive in the same read as the upstream's reply: the client gets it either way."""
+    with socks_session(zep_via_socks.socks_port, "127.0.0.1", speak_first.port) as (sock, reply):
+        assert reply == 0x00
+        assert recv_exactly(sock, 19) == b"hello from upstream"
+        assert sock.recv(1) == b""  # and then the destination's half-close
 
 
 def test_socks5_upstream_refusing_credentials(socks_upstream, http_a):
