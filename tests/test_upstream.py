@@ -95,3 +95,37 @@ def test_the_proxy_route_is_a_bounded_route_kind():
 
     entry = AccessEntry("127.0.0.1:1", "socks5", "a.example:443", "proxy", "-", 0, 0, 0.0, Outcome.OK)
     assert entry.route_kind == "proxy"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=48) | st.sampled_from([b"\x05\x02\x01\x00", b"\x05\x00\x05\x00\x01", b"\x05\x00\x05\x00\x03\xff",
+                                                 b"HTTP/1.1 200 OK\r\n\r\n", b"HTTP/1.1 999 \r\n\r\n", b"\x05\xff"]),
+       st.sampled_from(["http", "socks5h"]), st.booleans())
+def test_any_proxy_answer_gives_a_tunnel_or_a_dial_error(answer, scheme, credentials):
+    """Whatever a broken proxy sends and then closes, the dialer ends with an Upstream or a DialError."""
+    import asyncio
+
+    from zep.dial import DialError
+    from zep.upstream_dial import UpstreamProxyDialer
+
+    async def exchange() -> None:
+        async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1024)
+            writer.write(answer)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer_once, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        userinfo = "u:p@" if credentials else ""
+        dialer = UpstreamProxyDialer(UpstreamProxy.parse(f"{scheme}://{userinfo}127.0.0.1:{port}"))
+        try:
+            upstream = await dialer.dial("example.test", 443, 5)
+            upstream.sock.close()
+        except DialError as exc:
+            assert exc.detail.startswith("upstream proxy ") and "u:p" not in exc.detail
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(exchange())

@@ -88,7 +88,7 @@ class UpstreamProxyDialer:
     async def _http_connect(self, sock: socket.socket, reader: _HandshakeReader, host: str, port: int,
                             label: str) -> None:
         if any(c <= " " or c > "~" for c in host):
-            raise DialError(Failure.HOST_UNREACHABLE, f"{host!r} is not a host name an HTTP proxy can be asked for")
+            raise DialError(Failure.HOST_UNREACHABLE, f"{label} cannot be asked for {host!r}: not a host name")
         authority = _authority(host, port)
         lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
         if self.proxy.has_credentials:
