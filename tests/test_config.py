@@ -116,6 +116,7 @@ def test_upstream_proxy_settings():
     ({"ZEP_FALLBACK": "proxy"}, [], "ZEP_FALLBACK=proxy needs an upstream proxy"),
     ({"ZEP_UPSTREAM_PROXY": "ftp://h:1"}, [], "ZEP_UPSTREAM_PROXY: the upstream proxy must be"),
     ({}, ["--upstream-proxy", "http://h:x"], "--upstream-proxy: the upstream proxy URL is malformed"),
+    ({}, ["--upstream-proxy", "http://u:pw@h:3128"], "--upstream-proxy must not carry a password"),
     ({"ZEP_UPSTREAM_PROXY": "http://h:1", "ZEP_UPSTREAM_NO_PROXY": "a:b"}, [], "ZEP_UPSTREAM_NO_PROXY: no-proxy entry"),
     ({"ZEP_MAXCONN": "0"}, [], "ZEP_MAXCONN must be at least 1"),
     ({"PROXY_USERNAME": "only-user", "PROXY_PASSWORD": ""}, [], "must be set together"),

@@ -52,8 +52,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="destinations no Ziti service intercepts: dial directly, deny, or go through the "
                              "upstream proxy (ZEP_FALLBACK; default proxy when one is set, else direct)")
     parser.add_argument(flag["upstream_proxy"], dest="upstream_proxy", metavar="URL",
-                        help="http://[user:pass@]host:port or socks5h://...: the proxy the fallback route 'proxy' "
-                             "goes through; prefer the variable for credentials (ZEP_UPSTREAM_PROXY)")
+                        help="http://host:port or socks5h://host:port: the proxy the fallback route 'proxy' goes "
+                             "through; credentials only in the variable (ZEP_UPSTREAM_PROXY)")
     parser.add_argument(flag["upstream_no_proxy"], dest="upstream_no_proxy", metavar="LIST",
                         help="destinations that go direct instead: names, .suffix, *, IPs/CIDRs, host:port "
                              "(ZEP_UPSTREAM_NO_PROXY)")

@@ -223,6 +223,9 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
         raise ConfigError(f"{where('fallback')} must be direct, deny or proxy, not {s.fallback!r}")
     _check_parses(where("upstream_no_proxy"), NoProxy.parse, s.upstream_no_proxy)
     _check_parses(where("upstream_proxy"), s.upstream)
+    if flags.get("upstream_proxy") is not None and (upstream := s.upstream()) is not None and upstream.password:
+        raise ConfigError("--upstream-proxy must not carry a password: every user can read a command line; "
+                          "put the URL in ZEP_UPSTREAM_PROXY")
     if s.fallback == "proxy" and not s.upstream_proxy:
         raise ConfigError(f"{where('fallback')}=proxy needs an upstream proxy: set ZEP_UPSTREAM_PROXY or --upstream-proxy")
     if s.egress_default not in EGRESS_DEFAULTS:
