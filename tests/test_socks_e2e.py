@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import httpx
 import pytest
@@ -155,6 +156,10 @@ def test_half_close_upstream_to_client(zep, speak_first):
         sock.settimeout(10)
         assert sock.recv(1) == b""
     zep.wait_for_log(f"target=127.0.0.1:{speak_first.port}")
+    # The server's thread stores what it read once it sees EOF, which may be after zep's log line.
+    deadline = time.monotonic() + 5
+    while b"still talking after your EOF" not in speak_first.received and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert b"still talking after your EOF" in speak_first.received
 
 
