@@ -41,6 +41,8 @@ from types import SimpleNamespace
 import httptools
 from httptools import HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade
 
+from zep.text import printable, request_target
+
 Headers = tuple[tuple[bytes, bytes], ...]
 
 # Headers that describe one hop, not the message (RFC 9110 7.6.1), plus the framing
@@ -304,8 +306,16 @@ class RequestReader(_Reader):
         self._keep_alive = True
         self._upgrade_body: bytes | None = None  # framing of an upgrade request's body
         self._leftover = b""
+        self._first_byte_seen = False
 
     def feed(self, data: bytes) -> list[RequestEvent]:
+        if data and not self._first_byte_seen:
+            self._first_byte_seen = True
+            wrong = wrong_protocol(data[0])
+            if wrong is not None:
+                self._fail(400, wrong)
+                events, self._events = self._events, []
+                return events
         return self._feed(data)
 
     def take_leftover(self) -> bytes:
@@ -437,6 +447,17 @@ class ResponseReader(_Reader):
         return 502
 
 
+def wrong_protocol(first: int) -> str | None:
+    """What a connection that opens with `first` speaks, when it is plainly not HTTP."""
+    if first in (0x04, 0x05):
+        return (f"a SOCKS{first} client on the HTTP proxy port: use an http:// proxy URL for this port, "
+                "or socks5h:// with the SOCKS5 port")
+    if first == 0x16:
+        return ("a TLS handshake on the HTTP proxy port: the client was given an https:// proxy URL; "
+                "use http:// (HTTPS destinations still work, through CONNECT)")
+    return None
+
+
 def _request_head(
     method: str, version: str, target: bytes, raw_headers: list[tuple[bytes, bytes]]
 ) -> RequestHead | BadMessage:
@@ -445,20 +466,20 @@ def _request_head(
     if method == "CONNECT":
         address = _parse_authority(target)
         if address is None:
-            return BadMessage(400, f"CONNECT target {target!r} is not host:port")
+            return BadMessage(400, f"CONNECT target \"{printable(target)}\" is not host:port")
         host, port = address
         authority, origin_target = target, b""
     else:
         try:
             url = httptools.parse_url(target)
         except HttpParserError:
-            return BadMessage(400, f"invalid request target {target!r}")
+            return BadMessage(400, f"invalid request target \"{request_target(target)}\"")
         if url.schema is None:
-            return BadMessage(400, f"request target {target!r} is not an absolute URL (a proxy needs one)")
+            return BadMessage(400, f"request target \"{request_target(target)}\" is not an absolute URL (a proxy needs one)")
         if url.schema.lower() != b"http":
-            return BadMessage(501, f"scheme {url.schema.decode('latin-1')!r} is not supported (use CONNECT)")
+            return BadMessage(501, f"scheme \"{printable(url.schema)}\" is not supported (use CONNECT)")
         if not url.host or url.port == 0:
-            return BadMessage(400, f"request target {target!r} names no host and port")
+            return BadMessage(400, f"request target \"{request_target(target)}\" names no host and port")
         host, port = url.host.decode("latin-1"), url.port or 80
         authority = (b"[%s]" % url.host if b":" in url.host else url.host) + (
             b":%d" % url.port if url.port is not None else b""
@@ -551,7 +572,7 @@ def _framing(headers: list[tuple[bytes, bytes]], unsupported_status: int) -> tup
     codings = [coding.strip().lower() for value in _values(headers, b"transfer-encoding") for coding in value.split(b",")]
     if codings and codings != [b"chunked"]:
         # Only plain chunked can be re-framed faithfully; anything else is refused.
-        return BadMessage(unsupported_status, f"transfer coding {b', '.join(codings)!r} is not supported")
+        return BadMessage(unsupported_status, f"transfer coding \"{printable(b', '.join(codings))}\" is not supported")
     lengths = _values(headers, b"content-length")
     return bool(codings), int(lengths[0]) if lengths else None
 

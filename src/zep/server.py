@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from zep.accesslog import AccessRecord
 from zep.auth import Credentials
-from zep.config import Settings
+from zep.config import ENVIRONMENT, FLAGS, Settings
 from zep.dial import Upstream
 from zep.outcome import Outcome
 from zep.relay_result import RelayCancelled, RelayResult
@@ -127,7 +127,7 @@ class ProxyServer:
         return len(self._connections)
 
     def listen(self, proto: str, port: int, handler: SessionHandler, refusal: bytes = b"") -> Listener:
-        sock = _bind(self.ctx.settings.proxy_host, port)
+        sock = _bind(self.ctx.settings.proxy_host, port, _PORT_SETTINGS[proto])
         listener = Listener(proto, sock, handler, refusal)
         self.listeners.append(listener)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_all, listener)
@@ -208,7 +208,10 @@ class ProxyServer:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _bind(host: str, port: int) -> socket.socket:
+_PORT_SETTINGS = {"socks5": "socks_port", "http": "http_port"}
+
+
+def _bind(host: str, port: int, setting: str) -> socket.socket:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _type, _proto, _name, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -221,7 +224,10 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        reason = "address in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason = (f"address in use: set {ENVIRONMENT[setting]}/{FLAGS[setting]} to another port, "
+                      "or to 0 for any free one")
         raise OSError(exc.errno, f"cannot listen on {format_address(address)}: {reason}") from None
     return sock
 

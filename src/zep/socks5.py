@@ -21,6 +21,7 @@ import socket
 from dataclasses import dataclass
 
 from .auth import Credentials
+from .text import printable
 
 SUCCEEDED = 0x00
 GENERAL_FAILURE = 0x01
@@ -41,6 +42,8 @@ _CONNECT = 0x01
 _ATYP_IPV4 = 0x01
 _ATYP_DOMAIN = 0x03
 _ATYP_IPV6 = 0x04
+_TLS_HANDSHAKE = 0x16  # the first byte of a TLS ClientHello record
+_HTTP_METHOD_INITIALS = b"CDGHOPT"  # CONNECT DELETE GET HEAD OPTIONS POST PUT PATCH TRACE
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,8 @@ class Socks5Handshake:
         if not buf:
             return None
         if buf[0] != _VERSION:
-            # SOCKS4, HTTP or noise: there is no SOCKS5 way to answer, so just close.
-            return self._refuse(b"", f"not a SOCKS5 client (first byte 0x{buf[0]:02x})")
+            # SOCKS4, HTTP, TLS or noise: there is no SOCKS5 way to answer, so just close.
+            return self._refuse(b"", wrong_protocol(buf[0]))
         if len(buf) < 2 or len(buf) < 2 + buf[1]:
             return None
         end = 2 + buf[1]
@@ -191,7 +194,7 @@ class Socks5Handshake:
         elif all(0x21 <= byte <= 0x7E for byte in raw):
             host = raw.decode("ascii")
         else:
-            return self._refuse(connect_reply(HOST_UNREACHABLE), f"unusable domain name {raw!r}")
+            return self._refuse(connect_reply(HOST_UNREACHABLE), f"unusable domain name \"{printable(raw)}\"")
         if port == 0:
             return self._refuse(connect_reply(GENERAL_FAILURE), f"port 0 requested for {host}")
         self._phase = _Phase.DONE
@@ -201,6 +204,19 @@ class Socks5Handshake:
         self._phase = _Phase.DONE
         self._buffer.clear()
         return Refuse(data, reason)
+
+
+def wrong_protocol(first: int) -> str:
+    """Why a connection whose first byte is not SOCKS5's version was closed, in the user's terms."""
+    if first == 0x04:
+        return "a SOCKS4 client on the SOCKS5 port: zep speaks SOCKS5 only (use a socks5h:// proxy URL)"
+    if first == _TLS_HANDSHAKE:
+        return ("a TLS handshake on the SOCKS5 port: the client was given an https:// proxy URL; "
+                "use socks5h:// for this port")
+    if first in _HTTP_METHOD_INITIALS:
+        return ("an HTTP request on the SOCKS5 port: use a socks5h:// proxy URL for this port, "
+                "or send HTTP to the HTTP proxy port")
+    return f"not a SOCKS5 client (first byte 0x{first:02x})"
 
 
 def connect_reply(reply: int, bound: tuple[str, int] | tuple[str, int, int, int] | None = None) -> bytes:

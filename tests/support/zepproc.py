@@ -23,6 +23,7 @@ class ZepProcess:
     log_path: Path
     socks_port: int | None
     http_port: int | None
+    ready_path: Path | None = None
     final_log: str | None = None  # kept once the process is gone and its directory removed
 
     def log_text(self) -> str:
@@ -67,12 +68,12 @@ def zep_env(env: Mapping[str, str] | None = None, relay: str | None = None,
 @contextlib.contextmanager
 def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | None = None,
               extra_pythonpath: Sequence[str] = (), default_args: bool = True,
-              python: str = sys.executable) -> Iterator[ZepProcess]:
-    """Start `python -m zep serve` and wait until it is listening; stop it on exit.
+              python: str = sys.executable, ready_path: Path | None = None) -> Iterator[ZepProcess]:
+    """Start `python -m zep serve` and wait until it is listening (its ready file); stop it on exit.
 
     `python` may name another environment's interpreter (the benchmarks' baseline build)."""
     with tempfile.TemporaryDirectory(prefix="zep-test-") as tmp:
-        ready = Path(tmp, "ready.json")
+        ready = ready_path or Path(tmp, "ready.json")
         log_path = Path(tmp, "zep.log")
         command = [python, "-m", "zep", "serve"]
         if default_args:
@@ -84,7 +85,7 @@ def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | Non
         zp = None
         try:
             info = _wait_ready(proc, ready, log_path)
-            zp = ZepProcess(proc, log_path, _port(info.get("socks5")), _port(info.get("http")))
+            zp = ZepProcess(proc, log_path, _port(info.get("socks5")), _port(info.get("http")), ready)
             yield zp
         finally:
             terminate(proc)
@@ -110,15 +111,34 @@ def run_zep(*args: str, env: Mapping[str, str] | None = None, extra_pythonpath: 
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one `zep: error:` line of a run that exited 2 (log lines may come before it)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("zep: error: ")]
+    assert errors == lines[-1:], result.stderr  # one error line, the last (log lines may come before)
+    return lines[-1]
+
+
 def _wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path) -> dict:
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
-        if ready.exists():
-            return json.loads(ready.read_text())
+        info = _ready_info(ready, proc.pid)
+        if info is not None:
+            return info
         if proc.poll() is not None:
             raise RuntimeError(f"zep exited with {proc.returncode} before it was ready:\n{log_path.read_text()}")
         time.sleep(0.02)
     raise RuntimeError(f"zep was not ready within {READY_TIMEOUT} s:\n{log_path.read_text()}")
+
+
+def _ready_info(ready: Path, pid: int) -> dict | None:
+    """The ready file once `pid` wrote it (it may hold a stale one from another zep before)."""
+    try:
+        info = json.loads(ready.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if info.get("pid") == pid else None
 
 
 def _port(address: str | None) -> int | None:
