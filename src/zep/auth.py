@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import secrets
 from dataclasses import dataclass, field
 
 
@@ -22,6 +23,11 @@ class Credentials:
         user_ok = hmac.compare_digest(_utf8(username), _utf8(self.username))
         password_ok = hmac.compare_digest(_utf8(password), _utf8(self.password))
         return user_ok & password_ok
+
+
+def random_credentials() -> Credentials:
+    """Fresh credentials for one job (`zep run`, `--random-credentials`); URL-safe, so they fit in proxy URLs."""
+    return Credentials(f"zep-{secrets.token_hex(4)}", secrets.token_urlsafe(24))
 
 
 def _utf8(value: str | bytes) -> bytes:

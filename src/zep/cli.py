@@ -1,89 +1,113 @@
-"""Command line: `zep serve` runs the proxy, `zep enroll` turns a one-time token into an identity
-file, `zep version` says what is running and which relay."""
+"""Command line: `zep serve` runs the proxy, `zep run -- CMD` runs one command with a private proxy,
+`zep env` prints the proxy variables of a running zep, `zep enroll` turns a one-time token into an
+identity file, `zep version` says what would run."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import logging
 import os
-import signal
 import sys
+import time
 from collections.abc import Sequence
 
 import zep
-from zep.auth import Credentials
-from zep.config import ENVIRONMENT, FALLBACK_POLICIES, FLAGS, LOG_LEVELS, ConfigError, Settings, load_settings
-from zep.dial import Dialer
-from zep.egress import ACTIONS as EGRESS_DEFAULTS
-from zep.proxy_env import remove_self_proxies
-from zep.routing import Router, fallback_dialer
-
-log = logging.getLogger("zep")
+from zep import readyfile
+from zep.config import CHOICES, ENVIRONMENT, FLAGS, ConfigError, Settings, host_list, load_settings
+from zep.jobenv import FORMATS
+from zep.readyfile import Ready
 
 EXIT_CONFIG = 2
+EXIT_USAGE = 2
+VERSION = f"zep {zep.__version__} (ziti-edge-proxy)"
+# `zep run`: a free port for each listener, credentials made for this run, a quiet log (the summary says it all).
+RUN_DEFAULTS = Settings(socks_port=0, http_port=0, random_credentials=True, log_level="warning")
+ENV_WAIT_STEP = 0.1
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zep", description=__doc__)
+    parser.add_argument("--version", action="version", version=VERSION)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("version", help="print the version and the active relay")
+    commands.add_parser("version", help="print the version, the active relay and the OpenZiti SDK")
     serve = commands.add_parser("serve", help="run the SOCKS5 and HTTP proxy",
                                 description="Flags win over environment variables (see README).")
     add_serve_arguments(serve)
+    run = commands.add_parser(
+        "run", help="run one command with a private proxy", usage="zep run [serve options] -- CMD [ARGS...]",
+        description="Start the proxy on free loopback ports with random credentials, run CMD with "
+                    "ALL_PROXY, HTTP(S)_PROXY and NO_PROXY pointing at it, stop when CMD ends, exit with its status.")
+    add_serve_arguments(run)
+    env = commands.add_parser("env", help="print the proxy variables of a running zep (from its ready file)")
+    env.add_argument(FLAGS["ready_file"], dest="ready_file", metavar="PATH",
+                     help="the ready file of the running zep (ZEP_READY_FILE)")
+    env.add_argument("--format", dest="format", default="sh", type=str.lower,
+                     choices=FORMATS,
+                     help="sh: export lines (default); github: lines for $GITHUB_ENV; dotenv; json")
+    env.add_argument(FLAGS["no_proxy"], dest="no_proxy", action="append", metavar="HOSTS",
+                     help="more hosts for NO_PROXY, comma-separated; repeatable (ZEP_NO_PROXY)")
+    env.add_argument("--wait", dest="wait", type=float, default=0.0, metavar="SECONDS",
+                     help="wait this long for the ready file to appear")
+    env.add_argument("--pid", dest="pid", type=int, metavar="PID",
+                     help="with --wait: give up as soon as this process (the zep started in the background) exits")
     add_enroll_command(commands)
     return parser
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The proxy's settings as flags (`zep serve`, and commands that run the proxy)."""
+def add_serve_arguments(command: argparse.ArgumentParser) -> None:
+    """The proxy's settings as flags (`zep serve`, `zep run`)."""
     flag = FLAGS
-    parser.add_argument(flag["proxy_host"], dest="proxy_host", metavar="ADDRESS", help="listen address (PROXY_HOST)")
-    parser.add_argument(flag["socks_port"], dest="socks_port", type=int, metavar="PORT", help="SOCKS5 port, 0 for any (SOCKS_PORT)")
-    parser.add_argument(flag["http_port"], dest="http_port", type=int, metavar="PORT", help="HTTP proxy port, 0 for any (HTTP_PORT)")
-    parser.add_argument("--socks", dest="socks_enabled", action=argparse.BooleanOptionalAction, help="serve SOCKS5 (SOCKS_ENABLED)")
-    parser.add_argument("--http", dest="http_enabled", action=argparse.BooleanOptionalAction, help="serve the HTTP proxy (HTTP_ENABLED)")
-    parser.add_argument(flag["username"], dest="username", help="proxy user name (PROXY_USERNAME; empty: no authentication)")
-    parser.add_argument(flag["password"], dest="password", help="proxy password (PROXY_PASSWORD)")
-    parser.add_argument(flag["ziti_identities"], dest="ziti_identities", action="append", metavar="PATH",
-                        help="Ziti identity file or glob; repeatable (ZITI_IDENTITIES)")
-    parser.add_argument(flag["fallback"], dest="fallback", choices=FALLBACK_POLICIES,
-                        help="destinations no Ziti service intercepts: dial directly, deny, or go through the "
-                             "upstream proxy (ZEP_FALLBACK; default proxy when one is set, else direct)")
-    parser.add_argument(flag["upstream_proxy"], dest="upstream_proxy", metavar="URL",
-                        help="http://host:port or socks5h://host:port: the proxy the fallback route 'proxy' goes "
-                             "through; credentials only in the variable (ZEP_UPSTREAM_PROXY)")
-    parser.add_argument(flag["upstream_no_proxy"], dest="upstream_no_proxy", metavar="LIST",
-                        help="destinations that go direct instead: names, .suffix, *, IPs/CIDRs, host:port "
-                             "(ZEP_UPSTREAM_NO_PROXY)")
-    parser.add_argument(flag["egress_rules"], dest="egress_rules", action="append", metavar="RULE",
-                        help="egress rule for the fallback route, e.g. 'deny 10.0.0.0/8'; repeatable, "
-                             "first match wins (ZEP_EGRESS)")
-    parser.add_argument(flag["egress_default"], dest="egress_default", choices=EGRESS_DEFAULTS,
-                        help="when no egress rule matches (ZEP_EGRESS_DEFAULT)")
-    parser.add_argument(flag["direct"], dest="direct", action="store_true", default=None,
-                        help="serve without a Ziti identity: every destination takes the fallback route (ZEP_DIRECT)")
-    parser.add_argument(flag["allow_remote"], dest="allow_remote", action="store_true", default=None,
-                        help="allow a non-loopback listen address with default or no credentials (ZEP_ALLOW_REMOTE)")
+    add = command.add_argument
+    add(flag["proxy_host"], dest="proxy_host", metavar="ADDRESS", help="listen address (PROXY_HOST)")
+    add(flag["socks_port"], dest="socks_port", type=int, metavar="PORT", help="SOCKS5 port, 0 for any (SOCKS_PORT)")
+    add(flag["http_port"], dest="http_port", type=int, metavar="PORT", help="HTTP proxy port, 0 for any (HTTP_PORT)")
+    add("--socks", dest="socks_enabled", action=argparse.BooleanOptionalAction, help="serve SOCKS5 (SOCKS_ENABLED)")
+    add("--http", dest="http_enabled", action=argparse.BooleanOptionalAction, help="serve the HTTP proxy (HTTP_ENABLED)")
+    add(flag["username"], dest="username", help="proxy user name (PROXY_USERNAME; empty: no authentication)")
+    add(flag["password"], dest="password", help="proxy password (PROXY_PASSWORD)")
+    add(flag["no_auth"], dest="no_auth", action="store_true", default=None,
+        help="no proxy authentication, whatever the credentials (ZEP_NO_AUTH)")
+    add(flag["random_credentials"], dest="random_credentials", action="store_true", default=None,
+        help="make up credentials at start; the ready file holds them (ZEP_RANDOM_CREDENTIALS)")
+    add(flag["ziti_identities"], dest="ziti_identities", action="append", metavar="PATH",
+        help="Ziti identity file or glob; repeatable (ZITI_IDENTITIES)")
+    add(flag["fallback"], dest="fallback", type=str.lower, choices=CHOICES["fallback"],
+        help="destinations no Ziti service intercepts: dial directly, deny, or go through the "
+             "upstream proxy (ZEP_FALLBACK; default proxy when one is set, else direct)")
+    add(flag["upstream_proxy"], dest="upstream_proxy", metavar="URL",
+        help="http://host:port or socks5h://host:port: the proxy the fallback route 'proxy' goes "
+             "through; credentials only in the variable (ZEP_UPSTREAM_PROXY)")
+    add(flag["upstream_no_proxy"], dest="upstream_no_proxy", metavar="LIST",
+        help="destinations that go direct instead: names, .suffix, *, IPs/CIDRs, host:port "
+             "(ZEP_UPSTREAM_NO_PROXY)")
+    add(flag["egress_rules"], dest="egress_rules", action="append", metavar="RULE",
+        help="egress rule for the fallback route, e.g. 'deny 10.0.0.0/8'; repeatable, "
+             "first match wins (ZEP_EGRESS)")
+    add(flag["egress_default"], dest="egress_default", type=str.lower, choices=CHOICES["egress_default"],
+        help="when no egress rule matches (ZEP_EGRESS_DEFAULT)")
+    add(flag["direct"], dest="direct", action="store_true", default=None,
+        help="serve without a Ziti identity: every destination takes the fallback route (ZEP_DIRECT)")
+    add(flag["allow_remote"], dest="allow_remote", action="store_true", default=None,
+        help="allow a non-loopback listen address with default or no credentials (ZEP_ALLOW_REMOTE)")
     for name in ("handshake_timeout", "connect_timeout", "idle_timeout", "ziti_load_timeout"):
-        parser.add_argument(flag[name], dest=name, type=float, metavar="SECONDS", help=f"({ENVIRONMENT[name]})")
-    parser.add_argument(flag["max_connections"], dest="max_connections", type=int, metavar="N",
-                        help="most concurrent client connections (ZEP_MAXCONN)")
-    parser.add_argument(flag["max_head_bytes"], dest="max_head_bytes", type=int, metavar="BYTES",
-                        help="largest HTTP request head (ZEP_MAX_HEAD_BYTES)")
-    parser.add_argument(flag["ziti_service_suffix"], dest="ziti_service_suffix", metavar="SUFFIX",
-                        help="host suffix that names a Ziti service directly (ZEP_ZITI_SERVICE_SUFFIX)")
-    parser.add_argument(flag["log_level"], dest="log_level", choices=LOG_LEVELS, help="(ZEP_LOG_LEVEL)")
-    parser.add_argument(flag["ready_file"], dest="ready_file", metavar="PATH",
-                        help="write the listening addresses here as JSON once ready (ZEP_READY_FILE)")
-    parser.add_argument(flag["enroll_token_file"], dest="enroll_token_file", metavar="FILE",
-                        help="enroll with the one-time token in FILE ('-': stdin), then load the new identity "
-                             "(ZEP_ENROLL_TOKEN_FILE; or the token itself in ZITI_ENROLL_TOKEN)")
-    parser.add_argument(flag["enroll_identity_out"], dest="enroll_identity_out", metavar="PATH",
-                        help="keep the enrolled identity here (mode 0600; loaded instead of enrolling when it "
-                             "exists); default: a private file removed at exit (ZEP_ENROLL_IDENTITY_OUT)")
-    parser.add_argument("--enroll-token", nargs="?", action=RefuseSecretFlag, help=argparse.SUPPRESS)
+        add(flag[name], dest=name, type=float, metavar="SECONDS", help=f"({ENVIRONMENT[name]})")
+    add(flag["max_connections"], dest="max_connections", type=int, metavar="N",
+        help="most concurrent client connections (ZEP_MAXCONN)")
+    add(flag["max_head_bytes"], dest="max_head_bytes", type=int, metavar="BYTES",
+        help="largest HTTP request head (ZEP_MAX_HEAD_BYTES)")
+    add(flag["ziti_service_suffix"], dest="ziti_service_suffix", metavar="SUFFIX",
+        help="host suffix that names a Ziti service directly (ZEP_ZITI_SERVICE_SUFFIX)")
+    add(flag["log_level"], dest="log_level", type=str.lower, choices=CHOICES["log_level"], help="(ZEP_LOG_LEVEL)")
+    add(flag["ready_file"], dest="ready_file", metavar="PATH",
+        help="write the listening addresses (and credentials) here as JSON once ready (ZEP_READY_FILE)")
+    add(flag["no_proxy"], dest="no_proxy", action="append", metavar="HOSTS",
+        help="more hosts for the jobs' NO_PROXY, comma-separated; repeatable (ZEP_NO_PROXY)")
+    add(flag["enroll_token_file"], dest="enroll_token_file", metavar="FILE",
+        help="enroll with the one-time token in FILE ('-': stdin), then load the new identity "
+             "(ZEP_ENROLL_TOKEN_FILE; or the token itself in ZITI_ENROLL_TOKEN)")
+    add(flag["enroll_identity_out"], dest="enroll_identity_out", metavar="PATH",
+        help="keep the enrolled identity here (mode 0600; loaded instead of enrolling when it "
+             "exists); default: a private file removed at exit (ZEP_ENROLL_IDENTITY_OUT)")
+    add("--enroll-token", nargs="?", action=RefuseSecretFlag, help=argparse.SUPPRESS)
 
 
 class RefuseSecretFlag(argparse.Action):
@@ -126,114 +150,93 @@ def enroll_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if argv[:1] == ["run"]:
+        if "--" not in argv:
+            print("zep: error: zep run needs the command after --: zep run [serve options] -- CMD [ARGS...]",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
+        if not command:
+            print("zep: error: no command after -- (zep run [serve options] -- CMD [ARGS...])", file=sys.stderr)
+            return EXIT_USAGE
     args = build_parser().parse_args(argv)
     if args.command == "version":
         return print_version()
+    if args.command == "env":
+        return print_env(args)
     if args.command == "enroll":
         return enroll_command(args)
     flags = {key: value for key, value in vars(args).items() if key != "command"}
     try:
-        settings = load_settings(os.environ, flags)
+        settings = load_settings(os.environ, flags, RUN_DEFAULTS if args.command == "run" else None)
     except ConfigError as exc:
         print(f"zep: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings.log_level)
-    return serve(settings)
+    if args.command == "run":
+        from zep import jobrun
+
+        return jobrun.run(settings, command)
+    from zep.serving import run_proxy
+
+    return run_proxy(settings)
 
 
 def print_version() -> int:
-    from zep import relay
+    from zep import relay, sdkinfo
 
-    print(f"zep {zep.__version__} (ziti-edge-proxy)")
+    print(VERSION)
     print(f"relay: {relay.IMPLEMENTATION} ({relay.WHY})")
+    print(sdkinfo.describe())
     return 0
 
 
+def print_env(args: argparse.Namespace) -> int:
+    from zep import jobenv
+
+    path = args.ready_file or os.environ.get(ENVIRONMENT["ready_file"], "").strip()
+    if not path:
+        print(f"zep: error: which zep? give its ready file with {FLAGS['ready_file']} or {ENVIRONMENT['ready_file']}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    extra = host_list(",".join(args.no_proxy or [os.environ.get(ENVIRONMENT["no_proxy"], "")]))
+    try:
+        ready = _wait_for_ready_file(path, args.wait, args.pid)
+    except readyfile.ReadyFileError as exc:
+        print(f"zep: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    sys.stdout.write(jobenv.render(jobenv.variables(ready, extra), args.format))
+    return 0
+
+
+def _wait_for_ready_file(path: str, wait: float, pid: int | None) -> Ready:
+    """The ready file, waiting up to `wait` seconds for it; stops early when process `pid` is gone."""
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return readyfile.read(path)
+        except readyfile.ReadyFileError:
+            if time.monotonic() >= deadline:
+                if wait:
+                    raise readyfile.ReadyFileError(
+                        f"no zep was ready within {wait:g} s: {sys.exc_info()[1]}") from None
+                raise
+            if pid is not None and not readyfile.zep_is_running(pid):
+                raise readyfile.ReadyFileError(
+                    f"zep (pid {pid}) exited before it was ready; its ready file was to be {path} "
+                    f"({readyfile.SETTING})") from None
+        time.sleep(ENV_WAIT_STEP)
+
+
 def configure_logging(level: str) -> None:
+    import logging
+
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-
-
-def serve(settings: Settings) -> int:
-    import uvloop
-
-    listening = [(settings.socks_enabled, settings.socks_port), (settings.http_enabled, settings.http_port)]
-    remove_self_proxies(os.environ, settings.proxy_host, [port for enabled, port in listening if enabled])
-    dialers: list[Dialer] = []
-    ziti_runtime = None
-    if settings.ziti_configured:
-        from zep import ziti
-
-        try:
-            ziti_runtime = ziti.start(settings)
-        except ziti.ZitiSetupError as exc:
-            print(f"zep: error: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        dialers.append(ziti_runtime)
-    policy, upstream = settings.egress_policy(), settings.upstream()
-    if settings.fallback == "deny" and not policy.open:
-        log.warning("ZEP_EGRESS / --egress has no effect: with the fallback deny, nothing is dialed outside Ziti")
-    if upstream is not None and settings.fallback != "proxy":
-        log.warning("the upstream proxy %s is not used: the fallback is %s", upstream.label, settings.fallback)
-    fallback = fallback_dialer(settings.fallback, policy, upstream)
-    router = Router(dialers, fallback, settings.connect_timeout)
-    try:
-        return uvloop.run(_serve(settings, router))
-    except OSError as exc:
-        print(f"zep: error: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    finally:
-        if ziti_runtime is not None:
-            ziti_runtime.close()
-
-
-async def _serve(settings: Settings, router: Router) -> int:
-    from zep import relay
-    from zep.http_session import OVERLOADED, serve_http
-    from zep.server import Context, ProxyServer, format_address
-    from zep.socks_session import serve_socks5
-
-    credentials = Credentials(settings.username, settings.password) if settings.auth_required else None
-    server = ProxyServer(Context(settings, router, relay.relay, credentials))
-    ready: dict[str, str] = {}
-    if settings.socks_enabled:
-        ready["socks5"] = format_address(server.listen("socks5", settings.socks_port, serve_socks5).address)
-    if settings.http_enabled:
-        ready["http"] = format_address(server.listen("http", settings.http_port, serve_http, OVERLOADED).address)
-
-    log.info("zep %s ready: relay=%s, routes: %s, authentication %s", zep.__version__, relay.IMPLEMENTATION,
-             _describe_routes(settings, router), "required" if credentials else "off")
-    if settings.ready_file:
-        _write_ready_file(settings.ready_file, ready)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    log.info("stopping: no new connections; closing %d open ones", server.open_connections)
-    await server.shutdown()
-    return 0
-
-
-def _describe_routes(settings: Settings, router: Router) -> str:
-    first = "Ziti services first, anything else" if router.dialers else "every destination (--direct)"
-    if settings.fallback == "deny":
-        return f"{first}: deny"
-    route = settings.fallback
-    upstream = settings.upstream()
-    if route == "proxy" and upstream is not None:
-        route = f"through the upstream proxy {upstream.label}"
-        if upstream.no_proxy.entries or upstream.no_proxy.everything:
-            route += " (no-proxy exceptions direct)"
-    return f"{first}: {route} ({settings.egress_policy().describe()})"
-
-
-def _write_ready_file(path: str, ready: dict[str, str]) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as out:
-        json.dump({"pid": os.getpid(), **ready}, out)
-    os.replace(temporary, path)

@@ -7,6 +7,7 @@ Every problem is a `ConfigError` whose message names the variable or flag at fau
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -31,6 +32,8 @@ class Settings:
     http_port: int = 8080
     username: str = DEFAULT_USERNAME
     password: str = DEFAULT_PASSWORD
+    no_auth: bool = False
+    random_credentials: bool = False
     ziti_identities: tuple[str, ...] = ()
     ziti_identity: str | None = field(default=None, repr=False)
     fallback: str = "direct"
@@ -52,10 +55,11 @@ class Settings:
     enroll_token: str | None = field(default=None, repr=False)
     enroll_token_file: str | None = None
     enroll_identity_out: str | None = None
+    no_proxy: tuple[str, ...] = ()
 
     @property
     def auth_required(self) -> bool:
-        return bool(self.username and self.password)
+        return not self.no_auth and bool(self.username and self.password)
 
     @property
     def enrolls(self) -> bool:
@@ -83,6 +87,8 @@ ENVIRONMENT = {
     "http_port": "HTTP_PORT",
     "username": "PROXY_USERNAME",
     "password": "PROXY_PASSWORD",
+    "no_auth": "ZEP_NO_AUTH",
+    "random_credentials": "ZEP_RANDOM_CREDENTIALS",
     "ziti_identities": "ZITI_IDENTITIES",
     "ziti_identity": "ZITI_IDENTITY",
     "fallback": "ZEP_FALLBACK",
@@ -104,6 +110,7 @@ ENVIRONMENT = {
     "enroll_token": "ZITI_ENROLL_TOKEN",
     "enroll_token_file": "ZEP_ENROLL_TOKEN_FILE",
     "enroll_identity_out": "ZEP_ENROLL_IDENTITY_OUT",
+    "no_proxy": "ZEP_NO_PROXY",
 }
 
 # Setting name -> command-line flag, used to name the culprit in error messages.
@@ -121,24 +128,37 @@ FLAGS.update(
 )
 del FLAGS["enroll_token"]  # never a flag: everyone can read a process's command line
 
+# Settings that take one of a few words: matched without regard to case (DEBUG, Deny).
+CHOICES = {"fallback": FALLBACK_POLICIES, "egress_default": EGRESS_DEFAULTS, "log_level": LOG_LEVELS}
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def load_settings(environ: Mapping[str, str], flags: Mapping[str, Any]) -> Settings:
-    """Build Settings from environment variables and parsed flags (None means: flag not given)."""
-    defaults = Settings()
+def load_settings(environ: Mapping[str, str], flags: Mapping[str, Any], defaults: Settings | None = None) -> Settings:
+    """Build Settings from environment variables and parsed flags (None means: flag not given).
+
+    `defaults` replaces the built-in defaults (`zep run` picks free ports and random credentials).
+    Random credentials that are only a default yield to credentials given or to --no-auth.
+    """
+    defaults = defaults or Settings()
     values: dict[str, Any] = {}
+    given: set[str] = set()
     for f in fields(Settings):
         flag_value = flags.get(f.name)
         if flag_value is not None:
             values[f.name] = _from_flag(f.name, flag_value)
+            given.add(f.name)
         elif f.name in ENVIRONMENT and ENVIRONMENT[f.name] in environ:
             values[f.name] = _from_text(f.name, environ[ENVIRONMENT[f.name]], ENVIRONMENT[f.name])
+            given.add(f.name)
         else:
             values[f.name] = getattr(defaults, f.name)
     if values["upstream_proxy"] and _source_given("fallback", environ, flags) is None:
         values["fallback"] = "proxy"  # an upstream proxy is there to be used
+    if "random_credentials" not in given and (
+            values["no_auth"] or any(values[name] for name in ("username", "password") if name in given)):
+        values["random_credentials"] = False
     settings = Settings(**values)
     _validate(settings, environ, flags)
     return settings
@@ -151,6 +171,8 @@ def _from_flag(name: str, value: Any) -> Any:
         return _identity_entries(";".join(value))
     if name == "egress_rules":
         return tuple(rule.strip() for rule in value if rule.strip())
+    if name == "no_proxy":
+        return host_list(",".join(value))
     return value
 
 
@@ -163,6 +185,10 @@ def _from_text(name: str, text: str, source: str) -> Any:
     if name in ("ziti_identity", "ready_file", "enroll_token", "enroll_token_file", "enroll_identity_out",
                 "upstream_proxy"):
         return text.strip() or None
+    if name == "no_proxy":
+        return host_list(text)
+    if name in CHOICES:
+        return text.strip().lower()
     if kind is bool:
         lowered = text.strip().lower()
         if lowered in _TRUE:
@@ -185,6 +211,11 @@ def _from_text(name: str, text: str, source: str) -> Any:
 
 def _identity_entries(text: str) -> tuple[str, ...]:
     return tuple(entry.strip() for entry in text.split(";") if entry.strip())
+
+
+def host_list(text: str) -> tuple[str, ...]:
+    """`a.corp, .svc ,b` -> ("a.corp", ".svc", "b"): a NO_PROXY-style comma-separated list."""
+    return tuple(entry.strip() for entry in text.split(",") if entry.strip())
 
 
 def _source(name: str, environ: Mapping[str, str], flags: Mapping[str, Any]) -> str:
@@ -219,8 +250,10 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
     if s.enroll_identity_out and not s.enrolls:
         raise ConfigError(f"{where('enroll_identity_out')} is set but there is no enrollment token "
                           "(ZITI_ENROLL_TOKEN or --enroll-token-file)")
-    if s.fallback not in FALLBACK_POLICIES:
-        raise ConfigError(f"{where('fallback')} must be direct, deny or proxy, not {s.fallback!r}")
+    for name, choices in CHOICES.items():
+        if getattr(s, name) not in choices:
+            words = f"{', '.join(choices[:-1])} or {choices[-1]}"
+            raise ConfigError(f"{where(name)} must be {words} (in any case), not {getattr(s, name)!r}")
     _check_parses(where("upstream_no_proxy"), NoProxy.parse, s.upstream_no_proxy)
     _check_parses(where("upstream_proxy"), s.upstream)
     if flags.get("upstream_proxy") is not None and (upstream := s.upstream()) is not None and upstream.password:
@@ -228,11 +261,7 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
                           "put the URL in ZEP_UPSTREAM_PROXY")
     if s.fallback == "proxy" and not s.upstream_proxy:
         raise ConfigError(f"{where('fallback')}=proxy needs an upstream proxy: set ZEP_UPSTREAM_PROXY or --upstream-proxy")
-    if s.egress_default not in EGRESS_DEFAULTS:
-        raise ConfigError(f"{where('egress_default')} must be allow or deny, not {s.egress_default!r}")
     _check_parses(where("egress_rules"), s.egress_policy)
-    if s.log_level not in LOG_LEVELS:
-        raise ConfigError(f"{where('log_level')} must be one of {', '.join(LOG_LEVELS)}, not {s.log_level!r}")
     for name in ("handshake_timeout", "connect_timeout", "idle_timeout", "ziti_load_timeout"):
         if not getattr(s, name) > 0:
             raise ConfigError(f"{where(name)} must be more than 0 seconds")
@@ -240,7 +269,14 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
         raise ConfigError(f"{where('max_connections')} must be at least 1")
     if s.max_head_bytes < 1024:
         raise ConfigError(f"{where('max_head_bytes')} must be at least 1024")
-    if bool(s.username) != bool(s.password):
+    given = [name for name in ("username", "password") if getattr(s, name) and (
+        flags.get(name) is not None or ENVIRONMENT[name] in environ)]
+    if s.no_auth and s.random_credentials:
+        raise ConfigError(f"{where('no_auth')} and {where('random_credentials')} contradict each other: pick one")
+    for switch in ("no_auth", "random_credentials"):
+        if getattr(s, switch) and given:
+            raise ConfigError(f"{where(switch)} and {where(given[0])} are both given: drop one of them")
+    if not (s.no_auth or s.random_credentials) and bool(s.username) != bool(s.password):
         raise ConfigError("PROXY_USERNAME and PROXY_PASSWORD must be set together (or both empty for no authentication)")
     if s.direct and s.fallback == "deny":
         raise ConfigError(f"--direct (ZEP_DIRECT) with {where('fallback')}=deny would reach nothing: "
@@ -250,10 +286,10 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
             "no Ziti identity configured (ZITI_IDENTITIES, ZITI_IDENTITY or ZITI_ENROLL_TOKEN): "
             "pass --direct to dial every destination directly"
         )
-    if not _is_loopback(s.proxy_host) and not s.allow_remote:
-        weak = "no authentication" if not s.auth_required else (
-            "the default credentials" if (s.username, s.password) == (DEFAULT_USERNAME, DEFAULT_PASSWORD) else ""
-        )
+    if not _is_loopback(s.proxy_host, where("proxy_host")) and not s.allow_remote:
+        default = (s.username, s.password) == (DEFAULT_USERNAME, DEFAULT_PASSWORD) and not s.random_credentials
+        weak = "no authentication" if not (s.auth_required or s.random_credentials) else (
+            "the default credentials" if default else "")
         if weak:
             raise ConfigError(
                 f"{where('proxy_host')}={s.proxy_host} is reachable from other machines and zep would accept "
@@ -269,10 +305,18 @@ def _check_parses(source: str, parse: Callable[..., object], *args: object) -> N
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def _is_loopback(host: str) -> bool:
+def _is_loopback(host: str, source: str) -> bool:
+    """Whether every address `host` stands for is a loopback one; a name must resolve."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return False
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise ConfigError(f"{source}={host} does not resolve to an address to listen on ({reason}): "
+                          "give an IP address, such as 127.0.0.1 or ::1") from None
+    return all(ipaddress.ip_address(info[4][0].partition("%")[0]).is_loopback for info in infos)

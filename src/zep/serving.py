@@ -1,0 +1,134 @@
+"""Running the proxy: dialers from Settings, the listeners, the ready file, and when to stop.
+
+`zep serve` runs until SIGTERM or SIGINT; `zep run` runs until its command ends (a `Job`, see
+jobrun.py). Both start here, so both get the same hardening, the same ready file rules and the
+same routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import zep
+from zep import hardening, readyfile
+from zep.auth import Credentials, random_credentials
+from zep.config import Settings
+from zep.dial import Dialer
+from zep.proxy_env import remove_self_proxies
+from zep.readyfile import Ready, ReadyFileError
+from zep.routing import Router, fallback_dialer
+
+log = logging.getLogger("zep")
+
+EXIT_CONFIG = 2
+
+# Runs once the proxy is ready; its result is zep's exit status.
+Job = Callable[[Ready], Awaitable[int]]
+
+
+def proxy_credentials(settings: Settings) -> Credentials | None:
+    if settings.random_credentials:
+        return random_credentials()
+    return Credentials(settings.username, settings.password) if settings.auth_required else None
+
+
+def run_proxy(settings: Settings, job: Job | None = None) -> int:
+    """Serve until stopped (no job) or until `job` returns; the exit status."""
+    import uvloop
+
+    hardening.make_undumpable()
+    listening = [(settings.socks_enabled, settings.socks_port), (settings.http_enabled, settings.http_port)]
+    remove_self_proxies(os.environ, settings.proxy_host, [port for enabled, port in listening if enabled])
+    try:
+        if settings.ready_file:
+            readyfile.claim(settings.ready_file)
+    except ReadyFileError as exc:
+        print(f"zep: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    dialers: list[Dialer] = []
+    ziti_runtime = None
+    if settings.ziti_configured:
+        from zep import ziti
+
+        try:
+            ziti_runtime = ziti.start(settings)
+        except ziti.ZitiSetupError as exc:
+            print(f"zep: error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        dialers.append(ziti_runtime)
+    policy, upstream = settings.egress_policy(), settings.upstream()
+    if settings.fallback == "deny" and not policy.open:
+        log.warning("ZEP_EGRESS / --egress has no effect: with the fallback deny, nothing is dialed outside Ziti")
+    if upstream is not None and settings.fallback != "proxy":
+        log.warning("the upstream proxy %s is not used: the fallback is %s", upstream.label, settings.fallback)
+    fallback = fallback_dialer(settings.fallback, policy, upstream)
+    router = Router(dialers, fallback, settings.connect_timeout)
+    try:
+        return uvloop.run(_serve(settings, router, job))
+    except (OSError, ReadyFileError) as exc:
+        print(f"zep: error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        if ziti_runtime is not None:
+            ziti_runtime.close()
+
+
+async def _serve(settings: Settings, router: Router, job: Job | None) -> int:
+    from zep import relay
+    from zep.http_session import OVERLOADED, serve_http
+    from zep.server import Context, ProxyServer, format_address
+    from zep.socks_session import serve_socks5
+
+    credentials = proxy_credentials(settings)
+    server = ProxyServer(Context(settings, router, relay.relay, credentials))
+    try:
+        socks = http = None
+        if settings.socks_enabled:
+            socks = format_address(server.listen("socks5", settings.socks_port, serve_socks5).address)
+        if settings.http_enabled:
+            http = format_address(server.listen("http", settings.http_port, serve_http, OVERLOADED).address)
+    except BaseException:
+        server.stop_accepting()
+        raise
+    ready = Ready(os.getpid(), socks, http, credentials, settings.no_proxy)
+    log.info("zep %s ready: relay=%s, routes: %s, authentication %s", zep.__version__, relay.IMPLEMENTATION,
+             _describe_routes(settings, router), _describe_authentication(settings, credentials))
+    try:
+        with readyfile.published(settings.ready_file, ready):
+            return await (job(ready) if job is not None else _until_stopped())
+    finally:
+        log.info("stopping: no new connections; closing %d open ones", server.open_connections)
+        await server.shutdown()
+
+
+async def _until_stopped() -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    return 0
+
+
+def _describe_routes(settings: Settings, router: Router) -> str:
+    first = "Ziti services first, anything else" if router.dialers else "every destination (--direct)"
+    if settings.fallback == "deny":
+        return f"{first}: deny"
+    route = settings.fallback
+    upstream = settings.upstream()
+    if route == "proxy" and upstream is not None:
+        route = f"through the upstream proxy {upstream.label}"
+        if upstream.no_proxy.entries or upstream.no_proxy.everything:
+            route += " (no-proxy exceptions direct)"
+    return f"{first}: {route} ({settings.egress_policy().describe()})"
+
+
+def _describe_authentication(settings: Settings, credentials: Credentials | None) -> str:
+    if credentials is None:
+        return "off"
+    return "required (random credentials)" if settings.random_credentials else "required"
