@@ -124,6 +124,20 @@ def test_command_gets_every_proxy_variable_and_not_the_identity(team_identities:
     assert "user:password" not in socks
 
 
+def test_the_command_is_an_ordinary_dumpable_process() -> None:
+    """zep is non-dumpable; what it starts is not (exec resets the flag), so debuggers and core dumps work."""
+    script = "from zep import hardening; print(hardening.is_dumpable())"
+    code, out, err = finish(zep_run("--direct", command=[sys.executable, "-c", script]))
+    assert code == 0, err
+    assert out.strip() == "True"
+
+
+def test_run_help_is_argparse_help() -> None:
+    result = run_zep("run", "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: zep run [serve options] -- CMD [ARGS...]")
+
+
 def test_explicit_credentials_and_no_auth() -> None:
     script = "import os; print(os.environ['ALL_PROXY'])"
     code, out, err = finish(zep_run("--direct", "--username", "ci", "--password", "p@ss word",

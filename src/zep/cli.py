@@ -152,7 +152,7 @@ def enroll_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
-    if argv[:1] == ["run"]:
+    if argv[:1] == ["run"] and not {"-h", "--help"} & set(argv[: argv.index("--") if "--" in argv else None]):
         if "--" not in argv:
             print("zep: error: zep run needs the command after --: zep run [serve options] -- CMD [ARGS...]",
                   file=sys.stderr)
