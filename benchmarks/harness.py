@@ -164,6 +164,9 @@ class Lineup:
 
 
 ZEP_ARGS = ("--maxconn", "20000", "--log-level", "info")
+# The harness lists zep's fds in /proc and profile.py attaches strace and py-spy: zep must stay
+# dumpable for that (a variable, not a flag, so baseline builds without it still start).
+ZEP_ENV = {"ZEP_DUMPABLE": "true"}
 # The interpreter of another zep installation (e.g. the previous release in its own venv): when
 # set, that zep joins every lineup, so a change is measured against its before in the same run.
 BASELINE_VARIABLE = "ZEP_BENCH_BASELINE_PYTHON"
@@ -251,17 +254,18 @@ def lineup(ports: dict[str, int], *, ziti_path: Path | None = None, ziti_skip: s
                                          note="no proxy: the client's own ceiling"))
         why = compiled_relay_available()
         if why is None:
-            zp = stack.enter_context(start_zep("--direct", *ZEP_ARGS, relay="cython"))
+            zp = stack.enter_context(start_zep("--direct", *ZEP_ARGS, relay="cython", env=ZEP_ENV))
             zp.wait_for_log("relay=cython")
             result.systems.append(_zep_system("zep (cython)", zp, ports))
         else:
             result.skipped["zep (cython)"] = why
-        zp = stack.enter_context(start_zep("--direct", *ZEP_ARGS, relay="python"))
+        zp = stack.enter_context(start_zep("--direct", *ZEP_ARGS, relay="python", env=ZEP_ENV))
         zp.wait_for_log("relay=python")
         result.systems.append(_zep_system("zep (python)", zp, ports))
         baseline = os.environ.get(BASELINE_VARIABLE)
         if baseline:
-            zp = stack.enter_context(start_zep("--direct", *ZEP_ARGS, relay="cython", python=baseline))
+            zp = stack.enter_context(start_zep("--direct", *ZEP_ARGS, relay="cython", python=baseline,
+                                               env=ZEP_ENV))
             zp.wait_for_log("relay=cython")
             system = _zep_system(BASELINE_NAME, zp, ports)
             system.note = f"another build of zep, run by {BASELINE_VARIABLE}: the before of a before/after"
@@ -278,7 +282,7 @@ def lineup(ports: dict[str, int], *, ziti_path: Path | None = None, ziti_skip: s
         if ziti_path is not None:
             identity = ziti_identity(workdir / "bench-identity.json", ports)
             relay = "cython" if why is None else "python"
-            zp = stack.enter_context(start_zep("--identity", str(identity), *ZEP_ARGS, relay=relay,
+            zp = stack.enter_context(start_zep("--identity", str(identity), *ZEP_ARGS, relay=relay, env=ZEP_ENV,
                                                extra_pythonpath=[str(ziti_path)]))
             zp.wait_for_log("ziti ready")
             system = _zep_system("zep+ziti (stand-in)", zp, ports, target_host="{kind}.bench.test")

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
-from benchmarks.harness import CLK_TCK, ZEP_ARGS, ZepLoad, raise_nofile  # noqa: E402
+from benchmarks.harness import CLK_TCK, ZEP_ARGS, ZEP_ENV, ZepLoad, raise_nofile  # noqa: E402
 from tests.support.zepproc import start_zep  # noqa: E402
 
 # py-spy frames -> what the event loop is doing, first match wins.
@@ -66,7 +66,7 @@ def main() -> int:
     raise_nofile()
     with tempfile.TemporaryDirectory(prefix="zep-profile-") as tmp:
         zepload = ZepLoad.build(Path(tmp))
-        with zepload.serve() as ports, start_zep("--direct", *ZEP_ARGS, relay=args.relay) as zp:
+        with zepload.serve() as ports, start_zep("--direct", *ZEP_ARGS, relay=args.relay, env=ZEP_ENV) as zp:
             pid, via = zp.proc.pid, f"socks5:127.0.0.1:{zp.socks_port}"
             target = f"127.0.0.1:{ports['sink' if args.workload == 'bulk' else 'echo']}"
             command = {"connrate": ["connrate", via, target, 16, args.seconds, 100],

@@ -128,7 +128,8 @@ def interpreter_for_nobody(env: dict[str, str]) -> str | None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start zep as another user (see the next test)")
-def test_zep_is_not_dumpable_to_its_own_user_as_root_sees_it() -> None:
+@pytest.mark.parametrize("dumpable", [False, True])
+def test_zep_is_not_dumpable_to_its_own_user_as_root_sees_it(dumpable: bool) -> None:
     """The kernel hands /proc/PID of a non-dumpable process to root: so the same user can no longer
     read zep's environ or mem. Root itself still can, which this test relies on to look."""
     import site
@@ -145,7 +146,8 @@ def test_zep_is_not_dumpable_to_its_own_user_as_root_sees_it() -> None:
         ready = Path(directory, "zep.ready")
         as_nobody = {"user": NOBODY, "group": NOBODY, "extra_groups": [], "env": env, "cwd": directory}
         control = subprocess.Popen([python, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, **as_nobody)
-        zep_proc = subprocess.Popen([python, "-m", "zep", *SERVE, "--ready-file", str(ready)],
+        switch = ["--dumpable"] if dumpable else []
+        zep_proc = subprocess.Popen([python, "-m", "zep", *SERVE, *switch, "--ready-file", str(ready)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **as_nobody)
         try:
             deadline = time.monotonic() + 30
@@ -153,7 +155,8 @@ def test_zep_is_not_dumpable_to_its_own_user_as_root_sees_it() -> None:
                 assert zep_proc.poll() is None and time.monotonic() < deadline, zep_proc.stderr.read().decode()
                 time.sleep(0.02)
             assert _environ_owner(control.pid) == NOBODY  # an ordinary process of that user
-            assert _environ_owner(zep_proc.pid) == 0  # zep: only root may look
+            # zep: only root may look; with --dumpable, zep's own user as well
+            assert _environ_owner(zep_proc.pid) == (NOBODY if dumpable else 0)
         finally:
             control.communicate()
             zep_proc.terminate()
@@ -165,3 +168,5 @@ def test_zep_environ_is_unreadable_to_its_own_user() -> None:
     with start_zep("--direct") as zp:
         with pytest.raises(PermissionError):
             Path(f"/proc/{zp.proc.pid}/environ").read_bytes()
+    with start_zep("--direct", env={"ZEP_DUMPABLE": "true"}) as zp:
+        assert Path(f"/proc/{zp.proc.pid}/environ").read_bytes()

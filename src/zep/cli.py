@@ -88,6 +88,9 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
         help="serve without a Ziti identity: every destination takes the fallback route (ZEP_DIRECT)")
     add(flag["allow_remote"], dest="allow_remote", action="store_true", default=None,
         help="allow a non-loopback listen address with default or no credentials (ZEP_ALLOW_REMOTE)")
+    add(flag["dumpable"], dest="dumpable", action="store_true", default=None,
+        help="stay dumpable, so debuggers and profilers of this user can attach and read zep's memory, "
+             "the identity's key included (ZEP_DUMPABLE)")
     for name in ("handshake_timeout", "connect_timeout", "idle_timeout", "ziti_load_timeout"):
         add(flag[name], dest=name, type=float, metavar="SECONDS", help=f"({ENVIRONMENT[name]})")
     add(flag["max_connections"], dest="max_connections", type=int, metavar="N",

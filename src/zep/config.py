@@ -43,6 +43,7 @@ class Settings:
     upstream_no_proxy: str = ""
     direct: bool = False
     allow_remote: bool = False
+    dumpable: bool = False
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
     idle_timeout: float = 600.0
@@ -98,6 +99,7 @@ ENVIRONMENT = {
     "upstream_no_proxy": "ZEP_UPSTREAM_NO_PROXY",
     "direct": "ZEP_DIRECT",
     "allow_remote": "ZEP_ALLOW_REMOTE",
+    "dumpable": "ZEP_DUMPABLE",
     "handshake_timeout": "ZEP_TIMEOUT_HANDSHAKE",
     "connect_timeout": "ZEP_TIMEOUT_CONNECT",
     "idle_timeout": "ZEP_TIMEOUT_TUNNEL",

@@ -4,6 +4,8 @@
 same user (the kernel then treats zep like a set-uid program), so they cannot read the identity's
 private key or the `ZITI_IDENTITY` zep started with. Root, or anyone with CAP_SYS_PTRACE, still
 can. A program zep starts (`zep run -- CMD`) is dumpable again after its exec, as usual.
+`--dumpable` (ZEP_DUMPABLE) leaves zep as it is, for debuggers, profilers and benchmarks that
+attach to it or list its file descriptors.
 """
 
 from __future__ import annotations

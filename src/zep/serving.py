@@ -41,7 +41,8 @@ def run_proxy(settings: Settings, job: Job | None = None) -> int:
     """Serve until stopped (no job) or until `job` returns; the exit status."""
     import uvloop
 
-    hardening.make_undumpable()
+    if not settings.dumpable:
+        hardening.make_undumpable()
     listening = [(settings.socks_enabled, settings.socks_port), (settings.http_enabled, settings.http_port)]
     remove_self_proxies(os.environ, settings.proxy_host, [port for enabled, port in listening if enabled])
     try:
