@@ -196,3 +196,20 @@ def test_the_snippet_check_sees_zep_calls_and_their_options() -> None:
                'zep frobnicate --now; echo zep.log\n')
     assert zep_calls(snippet) == [("run", ["--direct", "--fallback"]), ("serve", ["--random-credentials", "--ready-file"]),
                                   ("frobnicate", ["--now"])]
+
+
+@pytest.mark.parametrize("starts", [True, False])
+def test_readme_several_steps_snippet_exports_or_fails_at_once(tmp_path: Path, http_a: Upstream, starts: bool) -> None:
+    block = next(b for b in readme_shell_blocks() if "zep env" in b and "exports=" in b)
+    probe = f'curl --silent --fail --noproxy "" -x "$HTTPS_PROXY" http://localhost:{http_a.port}/whoami\nkill $!\n'
+    env = zep_env({"RUNNER_TEMP": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    if starts:
+        env["ZEP_DIRECT"] = "true"  # else: no identity, so zep exits at once with code 2
+    result = subprocess.run(["sh", "-c", block + probe], env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT)
+    if starts:
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["server"] == "a"
+    else:
+        assert result.returncode == 1
+        assert "zep: error: no Ziti identity configured" in result.stdout  # the log, shown by the snippet
+        assert "exited before it was ready" in result.stderr  # --pid: no waiting out --wait 60
