@@ -337,3 +337,19 @@ def test_env_wait_returns_once_zep_is_ready(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(JOB_TIMEOUT) == 0
     assert not ready.exists()
+
+
+def test_env_wait_never_takes_another_zeps_ready_file(tmp_path: Path) -> None:
+    """Job B's zep finds job A's live ready file and refuses to start; B's zep env must say so,
+    not hand B the variables of A's proxy."""
+    ready = tmp_path / "shared.ready"
+    with start_zep("--direct", ready_path=ready):
+        second = subprocess.Popen([sys.executable, "-m", "zep", "serve", "--direct", "--socks-port", "0",
+                                   "--http-port", "0", "--ready-file", str(ready)],
+                                  env=zep_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            result = run_zep("env", "--ready-file", str(ready), "--wait", str(READY_TIMEOUT), "--pid", str(second.pid))
+        finally:
+            assert second.wait(JOB_TIMEOUT) == 2
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"zep (pid {second.pid}) exited before it was ready" in result.stderr

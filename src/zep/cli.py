@@ -216,12 +216,16 @@ def print_env(args: argparse.Namespace) -> int:
 
 
 def _wait_for_ready_file(path: str, wait: float, pid: int | None) -> Ready:
-    """The ready file, waiting up to `wait` seconds for it; stops early when process `pid` is gone."""
-
+    """The ready file, waiting up to `wait` seconds for it. With `pid`, only that zep's ready file
+    will do (never another job's), and the wait ends as soon as that process is gone."""
     deadline = time.monotonic() + wait
     while True:
         try:
-            return readyfile.read(path)
+            ready = readyfile.read(path)
+            if pid is None or ready.pid == pid:
+                return ready
+            raise readyfile.ReadyFileError(f"the ready file {path} ({readyfile.SETTING}) belongs to another zep "
+                                           f"(pid {ready.pid}, not {pid})")
         except readyfile.ReadyFileError:
             if time.monotonic() >= deadline:
                 if wait:
