@@ -409,6 +409,70 @@ def test_client_reset_before_start(impl):
     assert isinstance(err, ConnectionResetError)
 
 
+# -- how the ends see an unfinished pair end -----------------------------------------
+# Unless both directions finished, the relay resets both sockets rather than closing them with a
+# FIN: a client reading a download to EOF must not take a cut one for complete (nor an upstream a
+# cut upload).
+
+
+@contextlib.asynccontextmanager
+async def transferring(impl, direction: str, **relay_args):
+    """A pair with a bulk transfer under way, "down" (server -> app) or "up": the receiving end
+    has read the first MiB. Yields the pair, the relay task and the receiving end."""
+    p = Pair()
+    t = asyncio.ensure_future(impl.relay(p.client, p.upstream, **relay_args))
+    sender, receiver = (p.server, p.app) if direction == "down" else (p.app, p.server)
+    blast = asyncio.ensure_future(send_all(sender, os.urandom(MiB) * 64, eof=False))
+    try:
+        assert len(await recv_exact(receiver, MiB)) == MiB
+        yield p, t, receiver
+    finally:
+        blast.cancel()
+        await asyncio.gather(blast, return_exceptions=True)
+        p.close_ends()
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_cancel_mid_transfer_resets_the_receiver(impl, direction):
+    async def main():
+        async with transferring(impl, direction, idle_timeout=None) as (p, t, receiver):
+            t.cancel()
+            with pytest.raises(RelayCancelled):
+                await t
+            return await recv_until_end(receiver)
+
+    _, err = run(main())
+    assert isinstance(err, ConnectionResetError), err
+
+
+def test_upstream_reset_mid_download_resets_the_client(impl):
+    async def main():
+        async with transferring(impl, "down", idle_timeout=None) as (p, t, app):
+            reset_close(p.server)
+            _, err = await recv_until_end(app)
+            return await t, err
+
+    r, err = run(main())
+    assert r.ended is RelayEnd.UPSTREAM_ERROR
+    assert isinstance(err, ConnectionResetError), err
+
+
+def test_idle_timeout_resets_both_ends(impl):
+    async def main():
+        p = Pair()
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, to_client=b"partial", idle_timeout=0.3))
+        assert await recv_exact(p.app, 7) == b"partial"
+        r = await t
+        ends = await asyncio.gather(recv_until_end(p.app), recv_until_end(p.server))
+        p.close_ends()
+        return r, ends
+
+    r, ((_, app_err), (_, server_err)) = run(main())
+    assert r.ended is RelayEnd.IDLE_TIMEOUT
+    assert isinstance(app_err, ConnectionResetError), app_err
+    assert isinstance(server_err, ConnectionResetError), server_err
+
+
 # -- backpressure ------------------------------------------------------------------
 
 

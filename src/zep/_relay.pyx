@@ -193,16 +193,18 @@ cdef void pipe_put(Engine *e, Dir *d) noexcept nogil:
     e.st.pipes_in_use -= 1
 
 
-cdef void teardown(Engine *e, Pair *p, int reset_side) noexcept nogil:
-    """Close both fds (exactly once), release pipes and buffers, queue for posting."""
+cdef void teardown(Engine *e, Pair *p) noexcept nogil:
+    """Close both fds (exactly once), release pipes and buffers, queue for posting.
+
+    Unless both directions finished, both sockets are reset rather than closed with a FIN:
+    a peer reading to EOF must not take a cut transfer for a complete one."""
     cdef int k
     cdef c.linger lg
     cdef c.epoll_event ev
     for k in range(2):
         if p.fd[k] >= 0:
             c.epoll_ctl(e.epfd, c.EPOLL_CTL_DEL, p.fd[k], &ev)
-            if k == reset_side:
-                # An error on the other side propagates as a reset.
+            if p.ended != END_DONE:
                 lg.l_onoff = 1
                 lg.l_linger = 0
                 c.setsockopt(p.fd[k], c.SOL_SOCKET, c.SO_LINGER, &lg, sizeof(lg))
@@ -232,14 +234,14 @@ cdef inline void finish(Engine *e, Pair *p, int how) noexcept nogil:
     if p.ended != RUNNING:
         return
     p.ended = how
-    teardown(e, p, -1)
+    teardown(e, p)
 
 
 cdef inline int fail(Engine *e, Pair *p, int side, int err) noexcept nogil:
     if p.ended == RUNNING:
         p.ended = END_CLIENT_ERROR if side == CLIENT else END_UPSTREAM_ERROR
         p.err = err
-        teardown(e, p, 1 - side)
+        teardown(e, p)
     return -1
 
 

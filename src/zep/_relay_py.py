@@ -12,6 +12,7 @@ direction is held in memory. EOF on one side becomes ``write_eof`` (a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
 import struct
@@ -54,7 +55,7 @@ class _Side(asyncio.Protocol):
         self.uncounted = False
         self.early: list[bytes] = []  # read before the pair started (see data_received)
         self.connecting = False  # the loop is making our transport
-        self.pending_close: tuple[bool, bool] | None = None  # close() asked meanwhile
+        self.pending_close: bool | None = None  # close(reset=...) asked meanwhile
 
     def uncount_buffered(self) -> None:
         """Bytes still in the write buffer were never written: take them off once."""
@@ -84,8 +85,7 @@ class _Side(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.connecting = False
         if self.pending_close is not None:
-            reset, abort = self.pending_close
-            self.close(reset=reset, abort=abort)
+            self.close(reset=self.pending_close)
             return
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
         self.update_reading()  # paused until both sides are ready
@@ -146,29 +146,24 @@ class _Side(asyncio.Protocol):
         self.pair.side_lost()
 
     # -- teardown ----------------------------------------------------------
-    def close(self, *, reset: bool = False, abort: bool = False) -> None:
+    def close(self, *, reset: bool = False) -> None:
+        """Close after what is buffered is sent, or with reset=True drop it and reset the connection."""
         tr = self.transport
         if self.lost:
             return
         self.closed_by_us = True
         if tr is None and self.connecting:
-            self.pending_close = (reset, abort)  # done in connection_made
+            self.pending_close = reset  # done in connection_made
             return
+        if reset:
+            with contextlib.suppress(OSError):  # already closed by the loop
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         if tr is None:
             # Never got a transport (creation failed): close the socket ourselves.
             self.lost = True
-            try:
-                self.sock.close()
-            except OSError:  # pragma: no cover
-                pass
+            self.sock.close()
             self.pair.side_lost()
-            return
-        if reset:
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
-        if reset or abort:
+        elif reset:
             self.uncount_buffered()
             tr.abort()
         else:
@@ -225,7 +220,7 @@ class _Pair:
         assert self.idle_timeout is not None
         quiet = time.monotonic() - self.last_activity
         if quiet >= self.idle_timeout:
-            self.finish(RelayEnd.IDLE_TIMEOUT, abort=True)
+            self.finish(RelayEnd.IDLE_TIMEOUT, reset=True)
         else:
             self.timer = self.loop.call_later(self.idle_timeout - quiet, self.check_idle)
 
@@ -253,13 +248,13 @@ class _Pair:
             if not self.done.done():
                 self.done.set_result(None)
 
-    def finish(self, how: RelayEnd, *, abort: bool = False) -> None:
+    def finish(self, how: RelayEnd, *, reset: bool = False) -> None:
         if self.ending:
             return
         self.ending = True
         self.ended = how
-        self.client.close(abort=abort)
-        self.upstream.close(abort=abort)
+        self.client.close(reset=reset)
+        self.upstream.close(reset=reset)
 
 
 async def relay(
@@ -309,12 +304,12 @@ async def relay(
         pair.ending = True
         if pair.timer is not None:
             pair.timer.cancel()
-        c.close(abort=True)
-        u.close(abort=True)
+        c.close(reset=True)
+        u.close(reset=True)
         raise RelayCancelled(result(RelayEnd.CANCELLED)) from None
     except BaseException:
         pair.ending = True
-        c.close(abort=True)
-        u.close(abort=True)
+        c.close(reset=True)
+        u.close(reset=True)
         raise
     return result()

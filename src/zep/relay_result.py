@@ -6,10 +6,12 @@ Both implementations provide::
 
 It takes ownership of both connected, non-blocking sockets and closes them when done. The early
 bytes are delivered first. EOF on one side becomes shutdown(SHUT_WR) on the other; the pair ends
-when both directions are finished, when either side fails (both close, a reset is passed on as a
-reset), or after `idle_timeout` seconds with no bytes either way. A side is never read faster than
-the other can take, so memory per pair stays small. Cancelled, it closes the pair at once and
-raises `RelayCancelled` carrying the counts so far.
+when both directions are finished, when either side fails, or after `idle_timeout` seconds with no
+bytes either way. Only a pair whose two directions finished is closed with FINs; however else it
+ends (an error on either side, the idle timeout, cancellation) both sockets are reset (SO_LINGER
+0), so a peer reading to EOF never takes a cut transfer for a complete one. A side is never read
+faster than the other can take, so memory per pair stays small. Cancelled, it closes the pair at
+once and raises `RelayCancelled` carrying the counts so far.
 """
 
 from __future__ import annotations
