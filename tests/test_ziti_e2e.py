@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import selectors
 import signal
 import stat
 import subprocess
@@ -266,19 +267,34 @@ def test_without_openziti_the_error_says_how_to_install_it(tmp_path: Path, ident
         "pip install 'ziti-edge-proxy[ziti]'"]
 
 
+LOAD_STARTED_TIMEOUT = 10.0
+
+
+def wait_for_output(proc: subprocess.Popen, needle: bytes, timeout: float) -> None:
+    """Read a process's output until `needle` appears, within `timeout` seconds."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while needle not in seen:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0 and proc.poll() is None, f"no {needle!r} within {timeout} s: {seen!r}"
+            if sel.select(remaining):
+                seen += os.read(proc.stdout.fileno(), 65536)
+
+
 def test_sigterm_while_loading_removes_the_decoded_identity(tmp_path: Path, openziti_path: Path) -> None:
     encoded = base64.b64encode(json.dumps(identity_document(load_delay_ms=5000)).encode()).decode()
     private_tmp = tmp_path / "tmp"
     private_tmp.mkdir()
-    env = zep_env({"ZITI_IDENTITY": encoded, "TMPDIR": str(private_tmp)}, None, [str(openziti_path)])
+    env = zep_env({"ZITI_IDENTITY": encoded, "TMPDIR": str(private_tmp), "ZITI_LOG": "3"}, None,
+                  [str(openziti_path)])
     proc = subprocess.Popen([sys.executable, "-m", "zep", "serve", "--host", "127.0.0.1", "--socks-port", "0",
                              "--http-port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while not list(private_tmp.glob("zep-ziti-*/identity.json")) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # The native library says when it starts loading (at INFO, as the real one does).
+        wait_for_output(proc, b"loading identity[", LOAD_STARTED_TIMEOUT)
         assert list(private_tmp.glob("zep-ziti-*/identity.json")), "the identity was never decoded"
-        time.sleep(0.2)  # inside the SDK's load call by now
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) != 0
     finally:

@@ -850,6 +850,7 @@ API const char *ziti_errorstr(int err) {
 API int Ziti_load_context_with_timeout(uint32_t *handle, const char *identity, int timeout_ms) {
     if (!handle || !identity) return ZITI_INVALID_STATE;
     *handle = INVALID_HANDLE;
+    logf_(INFO, "loading identity[%s]", identity);
     pthread_mutex_lock(&lock);
     bool loaded = false;
     for (int c = 0; c < n_contexts; c++) loaded |= strcmp(contexts[c]->source, identity) == 0;
