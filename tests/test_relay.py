@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import hashlib
 import os
+import select
 import socket
 import struct
+import subprocess
 import sys
+import termios
+import threading
+import time
 
 import pytest
 import uvloop
 
-from zep.relay_result import RelayCancelled, RelayEnd, RelayResult
+from zep.relay_result import RelayCancelled, RelayEnd, RelayResult, RelayUnavailable
 
 MiB = 1024 * 1024
+STATE_TIMEOUT = 10.0  # seconds a socket may take to reach the state a test waits for
+FULL_AFTER = 0.5  # seconds a sender stays unwritable before the pipeline counts as full
 
 
 # -- implementations -----------------------------------------------------------
@@ -33,6 +42,7 @@ def load(name: str):
     if name == "python":
         import zep._relay_py as mod
 
+        mod.start()  # a no-op, there by contract
         return mod
     if os.environ.get("ZEP_NO_EXTENSIONS"):
         pytest.skip("ZEP_NO_EXTENSIONS is set: the compiled relay is not expected")
@@ -42,6 +52,7 @@ def load(name: str):
         import zep._relay as mod
     except ImportError as exc:
         pytest.fail(f"compiled relay not importable (build it, or set ZEP_NO_EXTENSIONS): {exc}")
+    mod.start()
     return mod
 
 
@@ -152,6 +163,46 @@ def reset_close(sock):
     sock.close()
 
 
+def queued(sock) -> int:
+    """Bytes in a socket's receive queue (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+def unsent(fd: int) -> int:
+    """Bytes a TCP socket accepted and its peer has not acknowledged (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def polled(sock) -> int:
+    """The poll(2) events a socket reports now (without consuming a pending error)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLOUT | select.POLLRDHUP)
+    return sum(events for _, events in poller.poll(0))
+
+
+async def until(condition, what: str, timeout: float = STATE_TIMEOUT):
+    """Wait, bounded, until condition() holds (a socket state)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.001)
+
+
+async def writable(sock, timeout: float) -> bool:
+    """Whether `sock` becomes writable within `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_writer(sock, lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_writer(sock)
+
+
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -251,7 +302,7 @@ def test_early_bytes_go_first(impl):
         # bytes must still come out first.
         p.app.send(b"from-app")
         p.server.send(b"from-server")
-        await asyncio.sleep(0.01)
+        await until(lambda: queued(p.client) == 8 and queued(p.upstream) == 11, "both sends queued")
         t = asyncio.ensure_future(
             impl.relay(p.client, p.upstream, to_upstream=b"EARLY-UP|", to_client=b"EARLY-DOWN|", idle_timeout=30)
         )
@@ -275,7 +326,8 @@ def test_large_early_bytes_with_slow_peer(impl):
     async def main():
         p = Pair()
         t = asyncio.ensure_future(impl.relay(p.client, p.upstream, to_upstream=early, idle_timeout=30))
-        await asyncio.sleep(0.05)  # the server is not reading yet
+        # the early bytes are on their way and the server is not reading yet
+        await until(lambda: queued(p.server) > 0, "early bytes arriving")
         res = await asyncio.gather(send_all(p.app, b"tail"), recv_all(p.server), send_all(p.server, b""), recv_all(p.app))
         r = await t
         p.close_ends()
@@ -355,7 +407,7 @@ def test_reset_mid_transfer_is_classified_and_propagated(impl, who):
         await loop.sock_sendall(resetter, b"x" * 1000)
         assert await recv_exact(victim, 1000) == b"x" * 1000
         await loop.sock_sendall(victim, b"y" * 5000)
-        await asyncio.sleep(0.05)
+        await until(lambda: queued(resetter) == 5000, "the bytes the resetter will not read")
         reset_close(resetter)
         got, err = await recv_until_end(victim)
         r = await t
@@ -398,7 +450,7 @@ def test_client_reset_before_start(impl):
     async def main():
         p = Pair()
         reset_close(p.app)
-        await asyncio.sleep(0.01)
+        await until(lambda: polled(p.client) & select.POLLERR, "the reset reached the client socket")
         r = await impl.relay(p.client, p.upstream, to_client=b"hello", idle_timeout=30)
         got, err = await recv_until_end(p.server)
         p.close_ends()
@@ -491,19 +543,15 @@ def _absorbed(impl, direction: str) -> int:
         block = os.urandom(64 * 1024)
         h = hashlib.sha256()
         sent = 0
-        quiet = 0
-        while quiet < 20:  # no progress for a while: the pipeline is full
+        while sent <= 256 * MiB:
             try:
                 n = src.send(block)
             except BlockingIOError:
-                quiet += 1
-                await asyncio.sleep(0.02)
+                if not await writable(src, FULL_AFTER):
+                    break  # the pipeline is full
                 continue
             h.update(block[:n])
             sent += n
-            quiet = 0
-            if sent > 256 * MiB:
-                break
         stats = impl.stats() if hasattr(impl, "stats") else None
         # Now drain: everything swallowed comes out intact.
         src.shutdown(socket.SHUT_WR)
@@ -524,7 +572,7 @@ def test_slow_reader_bounded_memory(impl, direction):
     # relay holds for one direction: a few MiB at most, never the stream.
     assert sent < 8 * MiB, sent
     if stats is not None:
-        assert stats["pipe_bytes_max"] <= stats["pipe_size"] * 2
+        assert 0 < stats["pipe_bytes_max"] <= stats["pipe_size"]
 
 
 # -- idle timeout ------------------------------------------------------------------
@@ -707,7 +755,6 @@ def test_sockets_closed_exactly_once(impl):
             await asyncio.gather(send_all(q.app, b"a"), send_all(q.server, b"b"), recv_all(q.app), recv_all(q.server))
             await t
             q.close_ends()
-        await asyncio.sleep(0.05)
         alive = all(fd_is_open(fd) for pr in pipes for fd in pr)
         for pr in pipes:
             for fd in pr:
@@ -725,21 +772,21 @@ def test_unusable_socket_still_closes_the_other(impl):
     async def main():
         p = Pair()
         p.upstream.close()  # not a usable socket any more
-        with pytest.raises((OSError, ValueError)):
+        with pytest.raises(OSError) as info:
             await impl.relay(p.client, p.upstream, idle_timeout=30)
         got = await asyncio.wait_for(recv_until_end(p.app), 10)
         closed = p.client.fileno() == -1
         p.close_ends()
-        return got, closed
+        return info.value, got, closed
 
-    got, closed = run(main())
-    assert got[0] == b""
+    exc, got, closed = run(main())
+    assert exc.errno == errno.EBADF
+    assert got[0] == b"" and isinstance(got[1], ConnectionResetError), got
     assert closed
 
 
 def test_event_loops_in_two_threads(impl):
     """Pairs relayed from two event loops at once, each in its own thread."""
-    import threading
 
     data = os.urandom(2 * MiB)
     out: dict[int, object] = {}
@@ -772,18 +819,68 @@ def test_event_loops_in_two_threads(impl):
         assert all(r == (want, want, RelayEnd.DONE) for r in out[i])
 
 
+def test_pairs_finishing_at_once_on_two_loops(impl):
+    """Pairs that finish as soon as they start (both ends already shut), from two event loops in
+    two threads while a third holds the GIL: a completion may be drained by the other loop
+    before relay() has gone on, and must still reach its own caller (or that caller waits for
+    ever: the test bounds it by joining the threads)."""
+
+    rounds, width = 100, 20
+    out: dict[int, object] = {}
+
+    async def one():
+        p = Pair(unix_pair)
+        p.app.shutdown(socket.SHUT_WR)
+        p.server.shutdown(socket.SHUT_WR)
+        r = await impl.relay(p.client, p.upstream, idle_timeout=None)
+        p.close_ends()
+        return r.ended
+
+    async def main():
+        for _ in range(rounds):
+            assert await asyncio.gather(*(one() for _ in range(width))) == [RelayEnd.DONE] * width
+        return rounds
+
+    def worker(i):
+        try:
+            out[i] = uvloop.run(main())
+        except BaseException as exc:  # reported below
+            out[i] = exc
+
+    def spin():
+        # Holds the GIL for whole switch intervals: a loop thread coming back from the engine's
+        # mutex then waits for it while the engine finishes its pair and the other loop wakes.
+        while len(out) < 2 and time.monotonic() < deadline:
+            pass
+
+    # Daemon threads: a loop whose completion was lost waits for ever, and must not hold up the exit.
+    deadline = time.monotonic() + 30
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(2)]
+    spinner = threading.Thread(target=spin, daemon=True)
+    for t in [*threads, spinner]:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    spinner.join()
+    for i in range(2):
+        out.setdefault(i, "hung")
+    assert out == {0: rounds, 1: rounds}, out
+
+
 EXIT_SCRIPT = """
 import asyncio, socket, sys, uvloop
-from zep.{module} import relay
+from zep.{module} import relay, start
+start()
 ends = []
 async def main():
     a, c = socket.socketpair()
     u, b = socket.socketpair()
     ends.extend((a, b))
-    for s in (c, u):
+    for s in (c, u, b):
         s.setblocking(False)
     asyncio.ensure_future(relay(c, u, idle_timeout=None))
-    await asyncio.sleep(0.1)
+    a.send(b"x")
+    await asyncio.get_running_loop().sock_recv(b, 1)  # the pair is running
 loop = uvloop.new_event_loop()
 loop.run_until_complete(main())
 sys.exit(0)  # the relay is still running: the process must still exit
@@ -791,7 +888,6 @@ sys.exit(0)  # the relay is still running: the process must still exit
 
 
 def test_process_exits_with_pairs_running(impl):
-    import subprocess
 
     module = impl.__name__.rsplit(".", 1)[1]
     proc = subprocess.run(
@@ -804,6 +900,145 @@ def test_process_exits_with_pairs_running(impl):
 
 
 # -- the compiled engine only ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def restarted(engine, **tuning):
+    """The engine stopped and started again with `tuning`; the default one again afterwards."""
+    engine.stop()
+    try:
+        engine.start(**tuning)
+        yield
+    finally:
+        engine.stop()
+        engine.start()
+
+
+def test_relay_refuses_pairs_when_not_started(engine):
+    """A stopped (or never started) engine refuses the pair with RelayUnavailable, resets the
+    client and closes the upstream."""
+
+    async def main():
+        p = Pair()
+        with pytest.raises(RelayUnavailable):
+            await engine.relay(p.client, p.upstream, idle_timeout=None)
+        ends = await asyncio.gather(recv_until_end(p.app), recv_until_end(p.server))
+        p.close_ends()
+        return ends
+
+    engine.stop()
+    try:
+        assert not engine.ready()
+        (_, app_err), (server_got, server_err) = run(main())
+    finally:
+        engine.start()
+    assert engine.ready()
+    assert isinstance(app_err, ConnectionResetError), app_err
+    assert (server_got, server_err) == (b"", None)
+
+
+def test_stop_removes_the_completion_reader_from_every_loop(engine):
+    """One loop in this thread (not running when stop() is called), one running in another."""
+    a_loop = uvloop.new_event_loop()
+    b_loop = uvloop.new_event_loop()
+    b_thread = threading.Thread(target=b_loop.run_forever, daemon=True)
+
+    async def one_pair():
+        p = Pair()
+        p.app.shutdown(socket.SHUT_WR)
+        p.server.shutdown(socket.SHUT_WR)
+        r = await engine.relay(p.client, p.upstream, idle_timeout=None)
+        p.close_ends()
+        return r.ended
+
+    async def reader_gone(fd):
+        return not asyncio.get_running_loop().remove_reader(fd)
+
+    try:
+        assert a_loop.run_until_complete(one_pair()) is RelayEnd.DONE
+        b_thread.start()
+        assert asyncio.run_coroutine_threadsafe(one_pair(), b_loop).result(STATE_TIMEOUT) is RelayEnd.DONE
+        with restarted(engine):
+            # The new engine's completion eventfd is likely to reuse the old number; a stale
+            # reader on it would be the old engine's.
+            fd = os.eventfd(0)
+            os.close(fd)
+        assert a_loop.run_until_complete(reader_gone(fd))
+        assert asyncio.run_coroutine_threadsafe(reader_gone(fd), b_loop).result(STATE_TIMEOUT)
+        # and both loops relay with the new engine
+        assert a_loop.run_until_complete(one_pair()) is RelayEnd.DONE
+        assert asyncio.run_coroutine_threadsafe(one_pair(), b_loop).result(STATE_TIMEOUT) is RelayEnd.DONE
+    finally:
+        b_loop.call_soon_threadsafe(b_loop.stop)
+        b_thread.join(STATE_TIMEOUT)
+        b_loop.close()
+        a_loop.close()
+
+
+@pytest.mark.parametrize("asked", [100_000, 4 * MiB])
+def test_pipe_size_is_what_the_kernel_granted(engine, asked):
+    """A size that is not a whole number of pages is rounded up; one above pipe-max-size is
+    refused to unprivileged users. The engine uses, and reports, what the kernel granted."""
+    r, w = os.pipe()
+    try:
+        try:
+            granted = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, asked)
+        except PermissionError:
+            granted = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    finally:
+        os.close(r)
+        os.close(w)
+    with restarted(engine, pipe_size=asked):
+        sent, stats = _absorbed(engine, "down")
+    assert stats["pipe_size"] == granted
+    assert 0 < stats["pipe_bytes_max"] <= granted
+    assert sent < 8 * MiB + granted
+
+
+START_UNDER_LIMIT = """
+import os, resource, sys
+from zep import _relay
+from zep.relay_result import RelayUnavailable
+
+def kinds():
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the directory listing's own fd
+            pass
+    return sorted(link for link in links if "eventpoll" in link or "eventfd" in link or "pipe" in link)
+
+before = kinds()
+fds = len(os.listdir("/proc/self/fd"))
+failures = []
+for spare in range(5):  # fail at each step of the start in turn: epoll, 2 eventfds, the pipe
+    resource.setrlimit(resource.RLIMIT_NOFILE, (fds + spare, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    try:
+        _relay.start()
+    except RelayUnavailable as exc:
+        failures.append(str(exc))
+        assert not _relay.ready()
+        assert kinds() == before, (spare, kinds(), before)
+        continue
+    break
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+_relay.start()
+assert _relay.ready()
+print(len(failures))
+print(failures[0])
+"""
+
+
+def test_start_that_fails_closes_what_it_opened(engine):
+    """With the open-files limit a few descriptors above what the process holds, the engine's
+    start fails at each of its steps in turn: each failure raises RelayUnavailable and leaves no
+    descriptor behind, and a start with room succeeds."""
+    proc = subprocess.run([sys.executable, "-c", START_UNDER_LIMIT], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    count, first = proc.stdout.splitlines()
+    assert int(count) >= 4  # epoll, sq eventfd, cq eventfd, the two ends of the first pipe
+    assert first.startswith("cannot start the compiled relay: Too many open files (EMFILE)"), first
 
 
 @pytest.mark.parametrize("make", [tcp_pair, unix_pair], ids=["tcp", "unix"])
@@ -866,7 +1101,6 @@ def test_idle_pairs_hold_no_pipe(engine):
         for p in pairs:
             await loop.sock_sendall(p.app, b"x" * 100_000)
             await recv_exact(p.server, 100_000)
-        await asyncio.sleep(0.05)
         s = engine.stats()
         for p in pairs:
             p.app.shutdown(socket.SHUT_WR)
@@ -944,7 +1178,8 @@ def test_bytes_and_eof_queued_before_start(engine, make, size):
         p.app.shutdown(socket.SHUT_WR)
         p.server.sendall(down)
         p.server.shutdown(socket.SHUT_WR)
-        await asyncio.sleep(0.01)
+        await until(lambda: queued(p.client) == len(up) and queued(p.upstream) == len(down)
+                    and polled(p.client) & polled(p.upstream) & select.POLLRDHUP, "bytes and FINs queued")
         t = asyncio.ensure_future(engine.relay(p.client, p.upstream, idle_timeout=30))
         res = await asyncio.gather(recv_all(p.server), recv_all(p.app))
         r = await t

@@ -1,25 +1,23 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Compiled relay: a splice engine on its own native thread.
 
-One engine per process, started on first use. Its thread runs an epoll loop
-with the GIL released and never touches a Python object. ``relay()`` detaches
-both sockets, submits the pair (mutex-guarded queue + eventfd wake-up) and
-awaits a future; the engine posts finished pairs to a completion queue whose
-eventfd the asyncio loop watches with ``add_reader``.
+One engine per process, started by ``start()`` (the server calls it before it listens, so an
+engine that cannot start is a start-up error, not a client's). Its thread runs an epoll loop with
+the GIL released and never touches a Python object. ``relay()`` detaches both sockets, registers
+its waiter, submits the pair (mutex-guarded queue + eventfd wake-up) and awaits a future; the
+engine posts finished pairs to a completion queue whose eventfd each asyncio loop that relays
+watches with ``add_reader``.
 
-A direction over a byte stream starts with recv/send on a small buffer
-(allocated only while it holds data): for short messages that is two calls
-per hop where splice takes two plus the pipe. A read that fills the buffer
-switches the direction to splice, socket -> pipe -> socket with
-splice(SPLICE_F_MOVE | SPLICE_F_NONBLOCK); a run of small splice reads
-switches it back. A direction takes a pipe from the pool only while it holds
-data and gives it back as soon as the pipe is empty, so idle pairs hold no
-pipe and no buffer. A direction where splice says EINVAL falls back to
-recv/send on a fixed buffer for good. Readiness is edge-triggered: each fd is
-registered once and the engine keeps its own "readable"/"writable" flags,
-cleared on EAGAIN, or on a short read from a byte stream (its queue was
-empty, and the next arrival raises a new edge), so there is no epoll_ctl per
-state change and no read that only says EAGAIN after a short message.
+A direction over a byte stream starts in SMALL mode, recv/send on a small buffer (allocated only
+while it holds data): for short messages that is two calls per hop where splice takes two plus the
+pipe. A read that fills the buffer switches the direction to SPLICE, socket -> pipe -> socket with
+splice(SPLICE_F_MOVE | SPLICE_F_NONBLOCK); a run of small splice reads switches it back. A
+direction takes a pipe from the pool only while it holds data and gives it back as soon as the
+pipe is empty, so idle pairs hold no pipe and no buffer. A direction where splice says EINVAL
+falls back to COPY, recv/send on a fixed buffer, for good. Readiness is edge-triggered: each fd is
+registered once and the engine keeps its own "readable"/"writable" flags, cleared on EAGAIN, or on
+a short read from a byte stream (its queue was empty, and the next arrival raises a new edge), so
+there is no epoll_ctl per state change and no read that only says EAGAIN after a short message.
 """
 
 import asyncio
@@ -27,17 +25,24 @@ import atexit
 import errno as _errno
 import os
 import socket
+import threading
 import time
 
+from libc.errno cimport EAGAIN, EINTR, EINVAL, ENOMEM, errno
 from libc.stdint cimport int64_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
+from posix cimport unistd
+from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK, fcntl
+from posix.signal cimport SIG_SETMASK, sigfillset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.types cimport sigset_t
 
 from zep.includes cimport system as c
 
-from zep.relay_result import RelayCancelled, RelayEnd, RelayResult
+from zep.relay_result import RelayCancelled, RelayEnd, RelayResult, RelayUnavailable
 
-__all__ = ["relay", "stats"]
+__all__ = ["relay", "start", "ready", "stop", "stats"]
 
 
 # -- engine data (plain C) ---------------------------------------------------------
@@ -51,6 +56,20 @@ cdef enum:
     SMALL_READ = 4096     # a splice read below this counts as small
     SMALL_RUN = 8         # this many small splice reads in a row: back to copying
 
+cdef enum Mode:
+    SMALL                 # recv/send on SMALL_BUF while reads are small
+    SMALL_TO_SPLICE       # a read filled SMALL_BUF: splice once the buffer is out
+    SPLICE                # socket -> pipe -> socket
+    COPY                  # splice refused (or no pipe to be had): recv/send on COPY_BUF for good
+
+cdef enum Step:
+    # what one read, write or splice call came to
+    MOVED                 # moved bytes (a read of 0: EOF)
+    BLOCKED               # EAGAIN
+    RETRY                 # EINTR
+    REFUSED               # EINVAL from splice: this fd does not splice
+    FAILED                # any other error: the pair fails
+
 cdef enum:
     RUNNING = 0
     END_DONE = 1
@@ -63,22 +82,25 @@ cdef int DEFAULT_PIPE_SIZE = 1 << 20
 cdef int DEFAULT_POOL_CAP = 256
 
 
+cdef struct Pipe:
+    int r
+    int w
+    size_t cap            # what F_SETPIPE_SZ granted (or the kernel's default)
+
+
 cdef struct Dir:
     # One direction, src side -> dst side (direction k reads side k).
-    int pipe_r
-    int pipe_w
+    Mode mode
+    int small_run         # SPLICE: small reads in a row
+    Pipe pipe             # r < 0: none held
     size_t in_pipe        # bytes sitting in the pipe
-    char *buf             # copy fallback buffer (only while it holds data)
+    char *buf             # copy buffer (only while it holds data)
     size_t buf_len
     size_t buf_off
     char *early           # early bytes, written before anything else
     size_t early_len
     size_t early_off
     uint64_t bytes        # bytes written to the dst side
-    bint copy_mode        # splice refused: recv/send for good
-    bint small            # small reads: recv/send on SMALL_BUF until a read fills it
-    bint big_read         # a read filled SMALL_BUF: splice once the buffer is out
-    int small_run         # small splice reads in a row
     bint eof              # src said EOF
     bint shut             # EOF passed on: shutdown(dst, SHUT_WR) done
 
@@ -114,6 +136,7 @@ cdef struct Stats:
     uint64_t completed
     uint64_t active
     uint64_t pipes_in_use
+    uint64_t pipes_pooled
     uint64_t pipes_created
     uint64_t splice_bytes
     uint64_t copy_bytes
@@ -126,9 +149,12 @@ cdef struct Stats:
 
 cdef struct Engine:
     int epfd
-    int sq_efd            # wakes the engine: new pairs, cancels, stop
+    int sq_efd            # wakes the engine: new pairs, cancels, stats requests, stop
     int cq_efd            # wakes asyncio: finished pairs
+    bint mu_made
+    bint cond_made
     c.pthread_mutex_t mu
+    c.pthread_cond_t published_cond
     c.pthread_t thread
     # under mu
     Pair *sq_head
@@ -137,58 +163,95 @@ cdef struct Engine:
     Pair *cq_head
     Pair *cq_tail
     bint stop
-    # engine thread only
+    bint exited           # the thread is gone: `published` is final
+    uint64_t stats_asked  # stats requests made ...
+    uint64_t stats_given  # ... and answered with `published`
+    Stats published
+    # engine thread only (and whoever holds the engine once the thread has been joined)
     Pair *active
     Pair *fin_head
     int64_t now_ms
     int64_t next_scan_ms  # < 0: no idle deadline pending
-    int *pool             # pipe pool: pool[2*i], pool[2*i+1]
+    Pipe *pool
     int pool_n
     int pool_cap
-    int pipe_size
+    size_t pipe_size      # granted to the first pipe; every later pipe asks for it
     Stats st
 
 
 # -- engine thread ------------------------------------------------------------------
 
 cdef inline int64_t now_ms() noexcept nogil:
-    cdef c.timespec ts
-    c.clock_gettime(c.CLOCK_MONOTONIC, &ts)
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
     return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
 
 
-cdef bint pipe_get(Engine *e, Dir *d) noexcept nogil:
+cdef inline Step io_step(ssize_t n, bint splicing, int *err) noexcept nogil:
+    """Classify a read/write/splice result (the errno ladder every pump shares)."""
+    if n >= 0:
+        return MOVED
+    err[0] = errno
+    if err[0] == EAGAIN:
+        return BLOCKED
+    if err[0] == EINTR:
+        return RETRY
+    if err[0] == EINVAL and splicing:
+        return REFUSED
+    return FAILED
+
+
+cdef void reset_close(int fd) noexcept nogil:
+    """Close with a reset (SO_LINGER on, 0 s), not a FIN."""
+    cdef c.linger lg
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    c.setsockopt(fd, c.SOL_SOCKET, c.SO_LINGER, &lg, sizeof(lg))
+    unistd.close(fd)
+
+
+cdef bint pipe_new(Engine *e, Pipe *pipe) noexcept nogil:
+    """A new pipe of the engine's size, or what the kernel grants (F_SETPIPE_SZ is refused
+    above /proc/sys/fs/pipe-max-size for unprivileged users, and rounds up to whole pages)."""
     cdef int fds[2]
+    cdef int granted
+    if c.pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+        return False
+    granted = fcntl(fds[1], c.F_SETPIPE_SZ, <int>e.pipe_size)
+    if granted < 0:
+        granted = fcntl(fds[1], c.F_GETPIPE_SZ)
+    if granted <= 0:
+        unistd.close(fds[0])
+        unistd.close(fds[1])
+        return False
+    pipe.r = fds[0]
+    pipe.w = fds[1]
+    pipe.cap = <size_t>granted
+    e.st.pipes_created += 1
+    return True
+
+
+cdef bint pipe_get(Engine *e, Dir *d) noexcept nogil:
     if e.pool_n > 0:
         e.pool_n -= 1
-        d.pipe_r = e.pool[2 * e.pool_n]
-        d.pipe_w = e.pool[2 * e.pool_n + 1]
-    else:
-        if c.pipe2(fds, c.O_NONBLOCK | c.O_CLOEXEC) < 0:
-            return False
-        # Bigger pipes mean fewer splices per byte; refused above
-        # /proc/sys/fs/pipe-max-size for unprivileged users, which is fine.
-        c.fcntl(fds[1], c.F_SETPIPE_SZ, e.pipe_size)
-        d.pipe_r = fds[0]
-        d.pipe_w = fds[1]
-        e.st.pipes_created += 1
+        d.pipe = e.pool[e.pool_n]
+    elif not pipe_new(e, &d.pipe):
+        return False
     e.st.pipes_in_use += 1
     return True
 
 
 cdef void pipe_put(Engine *e, Dir *d) noexcept nogil:
-    if d.pipe_r < 0:
+    if d.pipe.r < 0:
         return
     if d.in_pipe == 0 and e.pool_n < e.pool_cap:
-        e.pool[2 * e.pool_n] = d.pipe_r
-        e.pool[2 * e.pool_n + 1] = d.pipe_w
+        e.pool[e.pool_n] = d.pipe
         e.pool_n += 1
     else:
         # Never pool a pipe that still holds bytes.
-        c.close(d.pipe_r)
-        c.close(d.pipe_w)
-    d.pipe_r = -1
-    d.pipe_w = -1
+        unistd.close(d.pipe.r)
+        unistd.close(d.pipe.w)
+    d.pipe.r = d.pipe.w = -1
     d.in_pipe = 0
     e.st.pipes_in_use -= 1
 
@@ -199,24 +262,20 @@ cdef void teardown(Engine *e, Pair *p) noexcept nogil:
     Unless both directions finished, both sockets are reset rather than closed with a FIN:
     a peer reading to EOF must not take a cut transfer for a complete one."""
     cdef int k
-    cdef c.linger lg
     cdef c.epoll_event ev
     for k in range(2):
         if p.fd[k] >= 0:
             c.epoll_ctl(e.epfd, c.EPOLL_CTL_DEL, p.fd[k], &ev)
-            if p.ended != END_DONE:
-                lg.l_onoff = 1
-                lg.l_linger = 0
-                c.setsockopt(p.fd[k], c.SOL_SOCKET, c.SO_LINGER, &lg, sizeof(lg))
-            c.close(p.fd[k])
+            if p.ended == END_DONE:
+                unistd.close(p.fd[k])
+            else:
+                reset_close(p.fd[k])
             p.fd[k] = -1
         pipe_put(e, &p.d[k])
-        if p.d[k].buf != NULL:
-            free(p.d[k].buf)
-            p.d[k].buf = NULL
-        if p.d[k].early != NULL:
-            free(p.d[k].early)
-            p.d[k].early = NULL
+        free(p.d[k].buf)
+        p.d[k].buf = NULL
+        free(p.d[k].early)
+        p.d[k].early = NULL
     # off the active list, onto the list posted at the end of this iteration
     if p.act_prev != NULL:
         p.act_prev.act_next = p.act_next
@@ -245,44 +304,56 @@ cdef inline int fail(Engine *e, Pair *p, int side, int err) noexcept nogil:
     return -1
 
 
+cdef inline int to_copy_mode(Engine *e, Dir *d) noexcept nogil:
+    d.mode = COPY
+    e.st.copy_directions += 1
+    return 1
+
+
+cdef inline int wrote(Engine *e, Pair *p, int k, ssize_t n, bint splicing) noexcept nogil:
+    """Account for a write of direction k to its dst side: 1 progress, 0 blocked, -1 failed."""
+    cdef int err = 0
+    cdef Step step = io_step(n, splicing, &err)
+    if step == MOVED:
+        p.d[k].bytes += n
+        p.last_ms = e.now_ms
+        return 1
+    if step == BLOCKED:
+        p.wr[1 - k] = False
+        return 0
+    if step == RETRY:
+        return 1
+    if step == REFUSED:
+        return to_copy_mode(e, &p.d[k])   # the pipe's bytes go out through the buffer
+    return fail(e, p, 1 - k, err)
+
+
 cdef int pump_splice(Engine *e, Pair *p, int k) noexcept nogil:
-    """Move what can move for direction k in splice mode.
+    """Move what can move for direction k in SPLICE mode.
     Returns 1 on progress, 0 when blocked, -1 when the pair failed."""
     cdef Dir *d = &p.d[k]
-    cdef int src = p.fd[k]
-    cdef int dst = p.fd[1 - k]
-    cdef c.ssize_t n
+    cdef ssize_t n
     cdef int progress = 0
-    cdef int err
+    cdef int err = 0
+    cdef Step step
     cdef bint was_empty
     # pipe -> dst
     if d.in_pipe > 0 and p.wr[1 - k]:
-        n = c.splice(d.pipe_r, NULL, dst, NULL, d.in_pipe, c.SPLICE_F_MOVE | c.SPLICE_F_NONBLOCK)
+        n = c.splice(d.pipe.r, NULL, p.fd[1 - k], NULL, d.in_pipe, c.SPLICE_F_MOVE | c.SPLICE_F_NONBLOCK)
+        progress = wrote(e, p, k, n, True)
+        if progress < 0 or d.mode != SPLICE:
+            return progress
         if n > 0:
             d.in_pipe -= n
-            d.bytes += n
             e.st.splice_bytes += n
-            p.last_ms = e.now_ms
-            progress = 1
-        elif n < 0:
-            err = c.errno
-            if err == c.EAGAIN:
-                p.wr[1 - k] = False
-            elif err == c.EINVAL:
-                d.copy_mode = True   # the pipe's bytes go out through the buffer
-                e.st.copy_directions += 1
-                return 1
-            elif err != c.EINTR:
-                return fail(e, p, 1 - k, err)
     # src -> pipe, only while the pipe has room (backpressure)
-    if not d.eof and p.rd[k] and d.in_pipe < <size_t>e.pipe_size:
+    if not d.eof and p.rd[k] and (d.pipe.r < 0 or d.in_pipe < d.pipe.cap):
         was_empty = d.in_pipe == 0
-        if d.pipe_r < 0 and not pipe_get(e, d):
-            d.copy_mode = True       # out of pipes/fds: this direction copies
-            e.st.copy_directions += 1
-            return 1
-        n = c.splice(src, NULL, d.pipe_w, NULL, e.pipe_size - d.in_pipe, c.SPLICE_F_MOVE | c.SPLICE_F_NONBLOCK)
-        if n > 0:
+        if d.pipe.r < 0 and not pipe_get(e, d):
+            return to_copy_mode(e, d)   # out of pipes or fds: this direction copies
+        n = c.splice(p.fd[k], NULL, d.pipe.w, NULL, d.pipe.cap - d.in_pipe, c.SPLICE_F_MOVE | c.SPLICE_F_NONBLOCK)
+        step = io_step(n, True, &err)
+        if step == MOVED and n > 0:
             if was_empty and n < SMALL_READ and p.stream[k]:
                 d.small_run += 1
             else:
@@ -292,152 +363,131 @@ cdef int pump_splice(Engine *e, Pair *p, int k) noexcept nogil:
                 e.st.pipe_bytes_max = d.in_pipe
             p.last_ms = e.now_ms
             progress = 1
-        elif n == 0:
+        elif step == MOVED:
             d.eof = True
             progress = 1
-        else:
-            err = c.errno
-            if err == c.EAGAIN:
-                # With bytes in the pipe this may mean "pipe full": keep the
-                # flag and retry once the pipe drained.
-                if d.in_pipe == 0:
-                    p.rd[k] = False
-            elif err == c.EINVAL:
-                d.copy_mode = True
-                e.st.copy_directions += 1
-                progress = 1
-            elif err != c.EINTR:
-                return fail(e, p, k, err)
-    if d.in_pipe == 0 and d.pipe_r >= 0:
+        elif step == BLOCKED:
+            # With bytes in the pipe this may mean "pipe full": keep the flag and retry once the
+            # pipe drained.
+            if d.in_pipe == 0:
+                p.rd[k] = False
+        elif step == REFUSED:
+            progress = to_copy_mode(e, d)
+        elif step == FAILED:
+            return fail(e, p, k, err)
+    if d.in_pipe == 0:
         pipe_put(e, d)
-    if d.small_run >= SMALL_RUN and d.in_pipe == 0:
+    if d.mode == SPLICE and d.small_run >= SMALL_RUN and d.in_pipe == 0:
         # A run of small reads: recv/send costs fewer calls than two splices.
         d.small_run = 0
-        d.small = True
+        d.mode = SMALL
         e.st.to_copy += 1
         progress = 1
     return progress
 
 
 cdef int pump_copy(Engine *e, Pair *p, int k) noexcept nogil:
-    """Direction k with recv/send on a buffer: for good where splice is
-    refused (COPY_BUF), or while reads are small (SMALL_BUF, see pump_dir)."""
+    """Direction k with recv/send on a buffer: COPY_BUF for good where splice is refused, or
+    SMALL_BUF while reads are small."""
     cdef Dir *d = &p.d[k]
-    cdef int src = p.fd[k]
-    cdef int dst = p.fd[1 - k]
-    cdef c.ssize_t n
-    cdef size_t size = SMALL_BUF if d.small else COPY_BUF
+    cdef ssize_t n
+    cdef size_t size = COPY_BUF if d.mode == COPY else SMALL_BUF
     cdef int progress = 0
-    cdef int err
+    cdef int err = 0
+    cdef Step step
     if d.buf_off < d.buf_len and p.wr[1 - k]:
-        n = c.send(dst, d.buf + d.buf_off, d.buf_len - d.buf_off, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+        n = c.send(p.fd[1 - k], d.buf + d.buf_off, d.buf_len - d.buf_off, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+        progress = wrote(e, p, k, n, False)
+        if progress < 0:
+            return progress
         if n > 0:
             d.buf_off += n
-            d.bytes += n
             e.st.copy_bytes += n
+    if d.buf_off < d.buf_len:
+        return progress
+    d.buf_off = d.buf_len = 0
+    if d.mode == SMALL_TO_SPLICE:
+        # Reads fill the small buffer: bulk transfer, splice from now on.
+        d.mode = SPLICE
+        d.small_run = 0
+        e.st.to_splice += 1
+        free(d.buf)
+        d.buf = NULL
+        return 1
+    if d.in_pipe > 0 or (not d.eof and p.rd[k]):
+        if d.buf == NULL:
+            d.buf = <char *>malloc(size)
+            if d.buf == NULL:
+                return fail(e, p, k, ENOMEM)
+    if d.in_pipe > 0:
+        # left in the pipe when splice was refused: read it out first
+        n = unistd.read(d.pipe.r, d.buf, size)
+        if n > 0:
+            d.buf_len = n
+            d.in_pipe -= n
+            progress = 1
+        if d.in_pipe == 0:
+            pipe_put(e, d)
+    elif not d.eof and p.rd[k]:
+        n = c.recv(p.fd[k], d.buf, size, c.MSG_DONTWAIT)
+        step = io_step(n, False, &err)
+        if step == MOVED and n > 0:
+            d.buf_len = n
             p.last_ms = e.now_ms
             progress = 1
-        else:
-            err = c.errno
-            if err == c.EAGAIN:
-                p.wr[1 - k] = False
-            elif err != c.EINTR:
-                return fail(e, p, 1 - k, err)
-    if d.buf_off == d.buf_len:
-        d.buf_off = d.buf_len = 0
-        if d.big_read:
-            # Reads fill the small buffer: bulk transfer, splice from now on.
-            d.big_read = False
-            d.small = False
-            d.small_run = 0
-            e.st.to_splice += 1
-            if d.buf != NULL:
-                free(d.buf)
-                d.buf = NULL
-            return 1
-        if d.in_pipe > 0:
-            # left in the pipe when splice was refused: read it out first
-            if d.buf == NULL:
-                d.buf = <char *>malloc(size)
-                if d.buf == NULL:
-                    return fail(e, p, k, c.ENOMEM)
-            n = c.read(d.pipe_r, d.buf, size)
-            if n > 0:
-                d.buf_len = n
-                d.in_pipe -= n
-                progress = 1
-            if d.in_pipe == 0:
-                pipe_put(e, d)
-        elif not d.eof and p.rd[k]:
-            if d.buf == NULL:
-                d.buf = <char *>malloc(size)
-                if d.buf == NULL:
-                    return fail(e, p, k, c.ENOMEM)
-            n = c.recv(src, d.buf, size, c.MSG_DONTWAIT)
-            if n > 0:
-                d.buf_len = n
-                p.last_ms = e.now_ms
-                progress = 1
-                if <size_t>n < size:
-                    # A short read from a byte stream emptied its receive
-                    # queue; with EPOLLET the next arrival raises a new edge,
-                    # so skip the read that would only say EAGAIN. Not after
-                    # a FIN was reported (no further edge comes): read to EOF.
-                    if p.stream[k] and not p.rdhup[k]:
-                        p.rd[k] = False
-                elif d.small:
-                    d.big_read = True
-            elif n == 0:
-                d.eof = True
-                progress = 1
-            else:
-                err = c.errno
-                if err == c.EAGAIN:
+            if <size_t>n < size:
+                # A short read from a byte stream emptied its receive queue; with EPOLLET the
+                # next arrival raises a new edge, so skip the read that would only say EAGAIN.
+                # Not after a FIN was reported (no further edge comes): read to EOF.
+                if p.stream[k] and not p.rdhup[k]:
                     p.rd[k] = False
-                elif err != c.EINTR:
-                    return fail(e, p, k, err)
-        if d.buf_len == 0 and d.buf != NULL and (d.eof or not p.rd[k]):
-            free(d.buf)              # idle: hold no buffer
-            d.buf = NULL
+            elif d.mode == SMALL:
+                d.mode = SMALL_TO_SPLICE
+        elif step == MOVED:
+            d.eof = True
+            progress = 1
+        elif step == BLOCKED:
+            p.rd[k] = False
+        elif step == FAILED:
+            return fail(e, p, k, err)
+    if d.buf_len == 0 and d.buf != NULL and (d.eof or not p.rd[k]):
+        free(d.buf)              # idle: hold no buffer
+        d.buf = NULL
     return progress
 
 
-cdef int pump_dir(Engine *e, Pair *p, int k) noexcept nogil:
+cdef int pump_early(Engine *e, Pair *p, int k) noexcept nogil:
+    """Early bytes of direction k first, with a plain send."""
     cdef Dir *d = &p.d[k]
-    cdef c.ssize_t n
-    cdef int r = 0
-    cdef int err
-    if d.shut:
+    cdef ssize_t n
+    cdef int r
+    if not p.wr[1 - k]:
         return 0
-    if d.early_off < d.early_len:
-        # Early bytes first, with a plain send.
-        if not p.wr[1 - k]:
-            return 0
-        n = c.send(p.fd[1 - k], d.early + d.early_off, d.early_len - d.early_off,
-                   c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
-        if n < 0:
-            err = c.errno
-            if err == c.EAGAIN:
-                p.wr[1 - k] = False
-                return 0
-            if err == c.EINTR:
-                return 1
-            return fail(e, p, 1 - k, err)
+    n = c.send(p.fd[1 - k], d.early + d.early_off, d.early_len - d.early_off, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+    r = wrote(e, p, k, n, False)
+    if n > 0:
         d.early_off += n
-        d.bytes += n
-        p.last_ms = e.now_ms
         if d.early_off == d.early_len:
             free(d.early)
             d.early = NULL
             d.early_off = d.early_len = 0
-        return 1
-    if d.copy_mode or d.small:
-        r = pump_copy(e, p, k)
-    else:
+    return r
+
+
+cdef int pump_dir(Engine *e, Pair *p, int k) noexcept nogil:
+    cdef Dir *d = &p.d[k]
+    cdef int r
+    if d.shut:
+        return 0
+    if d.early_off < d.early_len:
+        return pump_early(e, p, k)
+    if d.mode == SPLICE:
         r = pump_splice(e, p, k)
+    else:
+        r = pump_copy(e, p, k)
     if r < 0:
         return r
-    if d.eof and d.in_pipe == 0 and d.buf_off == d.buf_len and not d.shut:
+    if d.eof and d.in_pipe == 0 and d.buf_off == d.buf_len:
         # Everything from src is out: pass the EOF on.
         c.shutdown(p.fd[1 - k], c.SHUT_WR)
         d.shut = True
@@ -493,17 +543,18 @@ cdef void start_pair(Engine *e, Pair *p) noexcept nogil:
             e.next_scan_ms = p.last_ms + p.idle_ms
     for k in range(2):
         if p.force_copy:
-            p.d[k].copy_mode = True
-            e.st.copy_directions += 1
+            to_copy_mode(e, &p.d[k])
         elif p.stream[k]:
-            # Start by copying: most tunnels carry small messages first;
-            # a read that fills the small buffer switches to splice.
-            p.d[k].small = True
+            # Start by copying: most tunnels carry small messages first; a read that fills the
+            # small buffer switches to splice.
+            p.d[k].mode = SMALL
+        else:
+            p.d[k].mode = SPLICE
     for k in range(2):
         ev.events = c.EPOLLIN | c.EPOLLOUT | c.EPOLLRDHUP | c.EPOLLET
         ev.data.u64 = <uint64_t><uintptr_t>p | <uint64_t>k
         if c.epoll_ctl(e.epfd, c.EPOLL_CTL_ADD, p.fd[k], &ev) < 0:
-            fail(e, p, k, c.errno)
+            fail(e, p, k, errno)
             return
     # edge-triggered ADD reports current readiness on the next wait
 
@@ -525,25 +576,25 @@ cdef void scan_idle(Engine *e) noexcept nogil:
     e.next_scan_ms = next_scan
 
 
-cdef bint take_commands(Engine *e) noexcept nogil:
-    """New pairs, cancels and stop, from the Python side. Returns the stop flag."""
+cdef bint take_commands(Engine *e, uint64_t *stats_asked) noexcept nogil:
+    """New pairs, cancels, stats requests and stop, from the Python side. Returns the stop flag."""
     cdef uint64_t junk
     cdef Pair *sq
     cdef Pair *p
     cdef Pair *nxt
     cdef Pair *kill = NULL
     cdef bint stop
-    c.read(e.sq_efd, &junk, 8)
+    unistd.read(e.sq_efd, &junk, 8)
     c.pthread_mutex_lock(&e.mu)
     sq = e.sq_head
     e.sq_head = e.sq_tail = NULL
     p = e.cancel_head
     e.cancel_head = NULL
     stop = e.stop
-    # Each queued cancel holds a reference, given back here. A pair already
-    # posted is finished: nothing to do, and it may be freed the moment the
-    # mutex is released (here, if ours was the last reference). A pair not yet
-    # posted stays alive: only this thread posts.
+    stats_asked[0] = e.stats_asked
+    # Each queued cancel holds a reference, given back here. A pair already posted is finished:
+    # nothing to do, and it may be freed the moment the mutex is released (here, if ours was the
+    # last reference). A pair not yet posted stays alive: only this thread posts.
     while p != NULL:
         nxt = p.cancel_next
         p.cancel_queued = False
@@ -578,8 +629,8 @@ cdef void post_finished(Engine *e) noexcept nogil:
         return
     e.fin_head = NULL
     c.pthread_mutex_lock(&e.mu)
-    # Wake asyncio only when the queue was empty: _drain reads the eventfd
-    # before it takes the queue, so a non-empty queue has a wake-up pending.
+    # Wake asyncio only when the queue was empty: _drain reads the eventfd before it takes the
+    # queue, so a non-empty queue has a wake-up pending.
     wake = e.cq_head == NULL
     while p != NULL:
         nxt = p.fin_next
@@ -595,19 +646,32 @@ cdef void post_finished(Engine *e) noexcept nogil:
         p = nxt
     c.pthread_mutex_unlock(&e.mu)
     if wake:
-        c.write(e.cq_efd, &one, 8)
+        unistd.write(e.cq_efd, &one, 8)
+
+
+cdef void publish_stats(Engine *e, uint64_t answered, bint exiting) noexcept nogil:
+    """Hand a snapshot of the counters to stats() callers waiting for one."""
+    c.pthread_mutex_lock(&e.mu)
+    e.published = e.st
+    e.published.pipes_pooled = e.pool_n
+    e.stats_given = answered
+    e.exited = exiting
+    c.pthread_cond_broadcast(&e.published_cond)
+    c.pthread_mutex_unlock(&e.mu)
 
 
 cdef void *engine_main(void *arg) noexcept nogil:
     cdef Engine *e = <Engine *>arg
     cdef c.epoll_event events[MAX_EVENTS]
-    cdef c.sigset_t all_signals
+    cdef sigset_t all_signals
     cdef int n, i, timeout
     cdef uint64_t data
+    cdef uint64_t stats_asked = 0
+    cdef uint64_t stats_given = 0
     cdef bint commands
     cdef bint stop = False
-    c.sigfillset(&all_signals)
-    c.pthread_sigmask(c.SIG_SETMASK, &all_signals, NULL)   # signals are Python's
+    sigfillset(&all_signals)
+    c.pthread_sigmask(SIG_SETMASK, &all_signals, NULL)   # signals are Python's
     while True:
         e.now_ms = now_ms()
         if e.next_scan_ms >= 0:
@@ -627,14 +691,35 @@ cdef void *engine_main(void *arg) noexcept nogil:
             else:
                 on_event(e, <Pair *><uintptr_t>(data & ~(<uint64_t>1)), <int>(data & 1), events[i].events)
         if commands:
-            stop = take_commands(e)
+            stop = take_commands(e, &stats_asked)
         if e.next_scan_ms >= 0 and e.now_ms >= e.next_scan_ms:
             scan_idle(e)
         post_finished(e)
         if stop and e.active == NULL:
             # Pairs submitted after stop was set are refused by the Python side.
             break
+        if stats_asked != stats_given:
+            # after this iteration's events: everything done before the request was seen
+            stats_given = stats_asked
+            publish_stats(e, stats_given, False)
+    publish_stats(e, stats_asked, True)
     return NULL
+
+
+cdef void close_engine_fds(Engine *e) noexcept nogil:
+    """Close every descriptor the engine holds (each once); safe on a half-made engine."""
+    cdef int i
+    for i in range(e.pool_n):
+        unistd.close(e.pool[i].r)
+        unistd.close(e.pool[i].w)
+    e.pool_n = 0
+    if e.epfd >= 0:
+        unistd.close(e.epfd)
+    if e.sq_efd >= 0:
+        unistd.close(e.sq_efd)
+    if e.cq_efd >= 0:
+        unistd.close(e.cq_efd)
+    e.epfd = e.sq_efd = e.cq_efd = -1
 
 
 # -- Python side ----------------------------------------------------------------------
@@ -646,6 +731,8 @@ _END = {
     END_UPSTREAM_ERROR: RelayEnd.UPSTREAM_ERROR,
     END_CANCELLED: RelayEnd.CANCELLED,
 }
+
+STOP_WAIT = 5.0  # seconds stop() waits for a loop in another thread to drop its reader
 
 _splice_enabled = True
 
@@ -670,9 +757,13 @@ cdef class _Engine:
     cdef dict waiting      # pair address -> _Waiter
     cdef dict loops        # loops whose reader drains our completions
 
-    def __cinit__(self, int pipe_size=DEFAULT_PIPE_SIZE, int pool_cap=DEFAULT_POOL_CAP):
+    def __cinit__(self, int pipe_size, int pool_cap):
+        """Open the engine's descriptors and start its thread; on any failure close what was
+        opened and raise OSError."""
         cdef c.epoll_event ev
         cdef Engine *e = <Engine *>calloc(1, sizeof(Engine))
+        cdef int err = 0
+        cdef Pipe first
         if e == NULL:
             raise MemoryError()
         self.e = e
@@ -681,47 +772,69 @@ cdef class _Engine:
         self.pid = os.getpid()
         e.epfd = e.sq_efd = e.cq_efd = -1
         e.next_scan_ms = -1
-        e.pipe_size = pipe_size
-        e.pool_cap = pool_cap
-        e.pool = <int *>malloc(sizeof(int) * 2 * (pool_cap + 1))
+        e.pipe_size = max(pipe_size, 4096)
+        e.pool_cap = max(pool_cap, 1)
+        e.pool = <Pipe *>malloc(sizeof(Pipe) * e.pool_cap)
         if e.pool == NULL:
             raise MemoryError()
         e.epfd = c.epoll_create1(c.EPOLL_CLOEXEC)
-        e.sq_efd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
-        e.cq_efd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
-        if e.epfd < 0 or e.sq_efd < 0 or e.cq_efd < 0:
-            raise OSError(c.errno, os.strerror(c.errno))
-        ev.events = c.EPOLLIN     # level-triggered: drained on every wake-up
-        ev.data.u64 = 0
-        if c.epoll_ctl(e.epfd, c.EPOLL_CTL_ADD, e.sq_efd, &ev) < 0:
-            raise OSError(c.errno, os.strerror(c.errno))
-        c.pthread_mutex_init(&e.mu, NULL)
-        if c.pthread_create(&e.thread, NULL, engine_main, e) != 0:
-            c.pthread_mutex_destroy(&e.mu)
-            raise OSError(_errno.EAGAIN, "cannot start the relay thread")
+        if e.epfd >= 0:
+            e.sq_efd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
+        if e.sq_efd >= 0:
+            e.cq_efd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
+        if e.cq_efd >= 0:
+            ev.events = c.EPOLLIN     # level-triggered: drained on every wake-up
+            ev.data.u64 = 0
+            if c.epoll_ctl(e.epfd, c.EPOLL_CTL_ADD, e.sq_efd, &ev) == 0 and pipe_new(e, &first):
+                # The first pipe says what size the kernel grants; it starts the pool.
+                e.pipe_size = first.cap
+                e.pool[0] = first
+                e.pool_n = 1
+        if e.pool_n == 0:
+            err = errno
+            close_engine_fds(e)
+            raise OSError(err, os.strerror(err))
+        err = c.pthread_mutex_init(&e.mu, NULL)
+        e.mu_made = err == 0
+        if err == 0:
+            err = c.pthread_cond_init(&e.published_cond, NULL)
+            e.cond_made = err == 0
+        if err == 0:
+            err = c.pthread_create(&e.thread, NULL, engine_main, e)
+        if err != 0:
+            close_engine_fds(e)
+            raise OSError(err, f"cannot start the relay thread: {os.strerror(err)}")
         self.running = True
 
     def __dealloc__(self):
-        # Only reached for an engine that was stopped (or never started).
+        # Only reached for an engine that was stopped (or never started): a running thread
+        # still uses the struct.
         cdef Engine *e = self.e
         if e == NULL or self.running:
             return
         self.e = NULL
+        close_engine_fds(e)
+        if e.cond_made:
+            c.pthread_cond_destroy(&e.published_cond)
+        if e.mu_made:
+            c.pthread_mutex_destroy(&e.mu)
         free(e.pool)
         free(e)
 
     cdef void _signal(self) noexcept:
         cdef uint64_t one = 1
-        c.write(self.e.sq_efd, &one, 8)
+        unistd.write(self.e.sq_efd, &one, 8)
 
-    cdef uintptr_t submit(self, int cfd, int ufd, bint cstream, bint ustream, bytes to_upstream,
-                          bytes to_client, object idle_timeout) except 0:
+    cdef submit(self, _Waiter w, int cfd, int ufd, bint cstream, bint ustream, bytes to_upstream,
+                bytes to_client, object idle_timeout):
+        """Queue a pair for the engine; its waiter is registered first, so whichever loop drains
+        the completion finds it."""
         cdef Pair *p
         cdef int k
         cdef bint wake
         cdef bytes early
         if not self.running:
-            raise RuntimeError("the relay engine is stopped")
+            raise RelayUnavailable("the relay engine is stopped")
         p = <Pair *>calloc(1, sizeof(Pair))
         if p == NULL:
             raise MemoryError()
@@ -730,7 +843,7 @@ cdef class _Engine:
         p.stream[CLIENT] = cstream
         p.stream[UPSTREAM] = ustream
         for k in range(2):
-            p.d[k].pipe_r = p.d[k].pipe_w = -1
+            p.d[k].pipe.r = p.d[k].pipe.w = -1
             early = to_upstream if k == CLIENT else to_client
             if early:
                 p.d[k].early = <char *>malloc(len(early))
@@ -743,10 +856,12 @@ cdef class _Engine:
         p.idle_ms = -1 if idle_timeout is None else max(0, <int64_t>(float(idle_timeout) * 1000.0 + 0.5))
         p.force_copy = not _splice_enabled
         p.refs = 2                # the engine's and ours
+        w.ptr = <uintptr_t>p
+        self.waiting[w.ptr] = w
         with nogil:
             c.pthread_mutex_lock(&self.e.mu)
-            # Only the first pair of a batch wakes the engine: it reads the
-            # eventfd before it takes the queue, so later ones ride along.
+            # Only the first pair of a batch wakes the engine: it reads the eventfd before it
+            # takes the queue, so later ones ride along.
             wake = self.e.sq_head == NULL
             if self.e.sq_tail != NULL:
                 self.e.sq_tail.sq_next = p
@@ -757,7 +872,6 @@ cdef class _Engine:
             c.pthread_mutex_unlock(&self.e.mu)
         if wake:
             self._signal()
-        return <uintptr_t>p
 
     cdef void cancel(self, uintptr_t ptr) noexcept:
         cdef Pair *p = <Pair *>ptr
@@ -780,7 +894,7 @@ cdef class _Engine:
         cdef Pair *p
         cdef Pair *nxt
         cdef list done = []
-        c.read(self.e.cq_efd, &junk, 8)
+        unistd.read(self.e.cq_efd, &junk, 8)
         with nogil:
             c.pthread_mutex_lock(&self.e.mu)
             p = self.e.cq_head
@@ -792,9 +906,7 @@ cdef class _Engine:
             done.append((<uintptr_t>p, p.d[0].bytes, p.d[1].bytes, p.ended, p.err))
             p = nxt
         for ptr, up, down, ended, err in done:
-            w = <_Waiter>self.waiting.pop(ptr, None)
-            if w is None:
-                continue
+            w = <_Waiter>self.waiting.pop(ptr)
             w.result = (up, down, ended, err)
             _wake(w)
 
@@ -809,18 +921,43 @@ cdef class _Engine:
             c.pthread_mutex_unlock(&self.e.mu)
 
     def watch(self, loop):
-        """Make sure `loop` drains completions. The reader stays registered for
-        the life of the loop (no add/remove per pair)."""
+        """Make sure `loop` drains completions. The reader stays registered until stop() (no
+        add/remove per pair)."""
         if loop not in self.loops:
             for old in [l for l in self.loops if l.is_closed()]:
                 del self.loops[old]
             loop.add_reader(self.e.cq_efd, self._drain)
             self.loops[loop] = True
 
+    def _unwatch_all(self):
+        """Remove the completion reader from every loop it was added to, each in its own thread."""
+        fd = self.e.cq_efd
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        for loop in self.loops:
+            if loop.is_closed():
+                continue
+            if loop is here or not loop.is_running():
+                loop.remove_reader(fd)
+                continue
+            removed = threading.Event()
+
+            def remove(loop=loop, removed=removed):
+                loop.remove_reader(fd)
+                removed.set()
+
+            try:
+                loop.call_soon_threadsafe(remove)
+            except RuntimeError:   # closed meanwhile
+                continue
+            removed.wait(STOP_WAIT)
+        self.loops.clear()
+
     def stop(self):
-        """Cancel what is running, stop the thread, release everything."""
+        """Cancel what is running, stop the thread, drop the readers, close the descriptors."""
         cdef Engine *e = self.e
-        cdef int k
         if not self.running:
             return
         with nogil:
@@ -831,27 +968,49 @@ cdef class _Engine:
         with nogil:
             c.pthread_join(e.thread, NULL)
         self.running = False
-        if self.pid == os.getpid():
-            self._drain()
-        for k in range(2 * e.pool_n):
-            c.close(e.pool[k])
-        e.pool_n = 0
-        c.close(e.epfd)
-        c.close(e.sq_efd)
-        c.close(e.cq_efd)
-        c.pthread_mutex_destroy(&e.mu)
+        self._drain()
+        self._unwatch_all()
+        close_engine_fds(e)
+
+    def abandon(self):
+        """In a child after fork(): the thread is the parent's and does not exist here; close
+        the inherited descriptors and forget the rest."""
+        self.running = False
+        self.waiting.clear()
+        self.loops.clear()
+        close_engine_fds(self.e)
 
     def stats(self):
-        cdef Stats s = self.e.st
+        """The counters as of a moment after the call began: the engine publishes them at the
+        end of the iteration in which it sees the request."""
+        cdef Engine *e = self.e
+        cdef Stats s
+        cdef uint64_t asked
+        if self.running:
+            with nogil:
+                c.pthread_mutex_lock(&e.mu)
+                e.stats_asked += 1
+                asked = e.stats_asked
+                c.pthread_mutex_unlock(&e.mu)
+            self._signal()
+            with nogil:
+                c.pthread_mutex_lock(&e.mu)
+                while e.stats_given < asked and not e.exited:
+                    c.pthread_cond_wait(&e.published_cond, &e.mu)
+                s = e.published
+                c.pthread_mutex_unlock(&e.mu)
+        else:
+            s = e.st          # no thread: the engine's own counters are still
+            s.pipes_pooled = e.pool_n
         return {
             "pairs": s.submitted,
             "completed": s.completed,
             "active": s.active,
             "pipes_in_use": s.pipes_in_use,
-            "pipes_pooled": self.e.pool_n,
+            "pipes_pooled": s.pipes_pooled,
             "pipes_created": s.pipes_created,
-            "pipe_pool_cap": self.e.pool_cap,
-            "pipe_size": self.e.pipe_size,
+            "pipe_pool_cap": e.pool_cap,
+            "pipe_size": e.pipe_size,
             "pipe_bytes_max": s.pipe_bytes_max,
             "splice_bytes": s.splice_bytes,
             "copy_bytes": s.copy_bytes,
@@ -882,41 +1041,53 @@ def _set_if_pending(fut):
 
 
 cdef _Engine _engine = None
-cdef int _pipe_size = DEFAULT_PIPE_SIZE
-cdef int _pool_cap = DEFAULT_POOL_CAP
 
 
-def _configure(pipe_size=None, pool_cap=None):
-    """Tuning hook (tests, benchmarks): pipe size and pool cap of the engine,
-    applied when it (re)starts."""
-    global _pipe_size, _pool_cap
-    if pipe_size is not None:
-        _pipe_size = int(pipe_size)
-    if pool_cap is not None:
-        _pool_cap = int(pool_cap)
+cdef _Engine _current():
+    """The engine running in this process, or None."""
+    if _engine is not None and _engine.running and _engine.pid == os.getpid():
+        return _engine
+    return None
 
 
-cdef _Engine _get_engine():
+def start(*, pipe_size=DEFAULT_PIPE_SIZE, pool_cap=DEFAULT_POOL_CAP):
+    """Start the engine in this process unless it runs already: its epoll fd, two eventfds, its
+    first pipe and its thread. Raises RelayUnavailable (having closed whatever it opened) when it
+    cannot. `pipe_size` (asked of the kernel, which may grant otherwise) and `pool_cap` tune it."""
     global _engine
-    if _engine is None or _engine.pid != os.getpid():
-        # (after a fork the parent's thread does not exist here: start afresh)
-        _engine = _Engine(_pipe_size, _pool_cap)
-    return _engine
-
-
-def _stop_engine():
-    global _engine
-    if _engine is not None and _engine.pid == os.getpid():
-        _engine.stop()
+    if _current() is not None:
+        return
+    if _engine is not None and _engine.pid != os.getpid():
+        _engine.abandon()    # the parent's, inherited through fork()
     _engine = None
+    try:
+        _engine = _Engine(int(pipe_size), int(pool_cap))
+    except OSError as exc:
+        name = _errno.errorcode.get(exc.errno, str(exc.errno))
+        raise RelayUnavailable(f"cannot start the compiled relay: {exc.strerror} ({name}); "
+                               "ZEP_NO_EXTENSIONS=1 runs the pure-Python relay") from None
 
 
-atexit.register(_stop_engine)
+def ready():
+    """Whether relay() can take a pair in this process (start() succeeded, stop() not called)."""
+    return _current() is not None
+
+
+def stop():
+    """Stop the engine: running pairs end as cancelled. start() may start a new one."""
+    global _engine
+    if _current() is not None:
+        _engine.stop()
+
+
+atexit.register(stop)
 
 
 def stats():
-    """Counters of the engine (starting it if needed)."""
-    return _get_engine().stats()
+    """Counters of this process's engine (the last one, if it was stopped)."""
+    if _engine is None or _engine.pid != os.getpid():
+        raise RelayUnavailable("the compiled relay was not started in this process")
+    return _engine.stats()
 
 
 def _errname(int err):
@@ -926,11 +1097,11 @@ def _errname(int err):
 async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeout):
     """Relay bytes between two connected sockets until both directions end.
 
-    Takes ownership of both sockets: their fds are detached at once and closed
-    by the engine.
+    Takes ownership of both sockets: their fds are detached at once and closed by the engine
+    (or here, the client's with a reset, when the pair cannot be submitted).
     """
-    cdef _Engine eng
-    cdef _Waiter w
+    cdef _Engine eng = _current()
+    cdef _Waiter w = _Waiter()
     cdef int cfd, ufd
     t0 = time.monotonic()
     loop = asyncio.get_running_loop()
@@ -942,24 +1113,24 @@ async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeou
     cfd = client.detach()
     ufd = upstream.detach()
     try:
-        eng = _get_engine()
+        if eng is None:
+            raise RelayUnavailable("the compiled relay is not running in this process (start() it first)")
         if cfd < 0 or ufd < 0:
             raise OSError(_errno.EBADF, "relay() needs two open sockets")
         if set_nonblocking[0]:
             os.set_blocking(cfd, False)
         if set_nonblocking[1]:
             os.set_blocking(ufd, False)
-        w = _Waiter()
         w.loop = loop
         w.fut = loop.create_future()
-        w.ptr = eng.submit(cfd, ufd, stream[0], stream[1], bytes(to_upstream), bytes(to_client), idle_timeout)
+        eng.watch(loop)
+        eng.submit(w, cfd, ufd, stream[0], stream[1], bytes(to_upstream), bytes(to_client), idle_timeout)
     except BaseException:
-        for fd in (cfd, ufd):
-            if fd >= 0:
-                os.close(fd)
+        if cfd >= 0:
+            reset_close(cfd)
+        if ufd >= 0:
+            unistd.close(ufd)
         raise
-    eng.waiting[w.ptr] = w
-    eng.watch(loop)
     cancelled = False
     try:
         try:
@@ -967,8 +1138,8 @@ async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeou
         except asyncio.CancelledError:
             cancelled = True
             eng.cancel(w.ptr)
-            # The engine answers at once; wait for the final counts even if
-            # cancelled again meanwhile.
+            # The engine answers at once; wait for the final counts even if cancelled again
+            # meanwhile.
             while w.result is None:
                 w.fut = loop.create_future()
                 try:
@@ -979,9 +1150,7 @@ async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeou
         if w.result is not None:
             eng.release(w.ptr)
     up, down, ended, err = w.result
-    end = _END[ended]
-    if cancelled:
-        end = RelayEnd.CANCELLED
+    end = RelayEnd.CANCELLED if cancelled else _END[ended]
     result = RelayResult(
         bytes_up=up,
         bytes_down=down,

@@ -20,7 +20,7 @@ import time
 
 from zep.relay_result import RelayCancelled, RelayEnd, RelayResult
 
-__all__ = ["relay"]
+__all__ = ["relay", "start", "ready"]
 
 # Per-direction write buffer limits. The high-water mark bounds what one
 # direction holds in memory (plus one read, which the transport caps).
@@ -40,10 +40,9 @@ def _error_text(exc: BaseException) -> str:
 class _Side(asyncio.Protocol):
     """One socket of the pair. ``peer`` is the side its data is written to."""
 
-    def __init__(self, pair: _Pair, sock: socket.socket, name: str) -> None:
+    def __init__(self, pair: _Pair, sock: socket.socket) -> None:
         self.pair = pair
         self.sock = sock
-        self.name = name
         self.peer: _Side | None = None
         self.transport: asyncio.Transport | None = None
         self.written = 0  # bytes handed to this side's transport
@@ -257,6 +256,14 @@ class _Pair:
         self.upstream.close(reset=reset)
 
 
+def start() -> None:
+    """Nothing to start: each pair runs on the caller's event loop (start() exists by contract)."""
+
+
+def ready() -> bool:
+    return True
+
+
 async def relay(
     client: socket.socket,
     upstream: socket.socket,
@@ -272,8 +279,8 @@ async def relay(
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
     pair = _Pair(loop, idle_timeout)
-    c = _Side(pair, client, "client")
-    u = _Side(pair, upstream, "upstream")
+    c = _Side(pair, client)
+    u = _Side(pair, upstream)
     c.peer, u.peer = u, c
     pair.client, pair.upstream = c, u
     pair.early_up, pair.early_down = bytes(to_upstream), bytes(to_client)

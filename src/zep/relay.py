@@ -3,7 +3,8 @@
 The compiled splice engine (``zep._relay``) unless ``ZEP_NO_EXTENSIONS`` is set
 (to anything non-empty), the platform is not Linux, or the extension is not
 built; otherwise the pure-Python relay (``zep._relay_py``). Both implement the
-same contract (see ``zep.relay_result``).
+same contract, ``zep.relay_result.Relay``: ``start()`` once per process before the first pair,
+``ready()``, ``relay()``.
 """
 
 from __future__ import annotations
@@ -11,26 +12,29 @@ from __future__ import annotations
 import os
 import sys
 
-from typing import Any
+from zep.relay_result import Relay
 
 
-def _choose() -> tuple[Any, str, str]:
+def _choose() -> tuple[Relay, str, str]:
     if os.environ.get("ZEP_NO_EXTENSIONS"):
         why = "ZEP_NO_EXTENSIONS is set"
     elif not sys.platform.startswith("linux"):
         why = f"the compiled relay is Linux only (this is {sys.platform})"
     else:
         try:
-            from zep._relay import relay as compiled
+            from zep import _relay as compiled
         except ImportError as exc:
             why = f"compiled extension not built: {exc}"
         else:
             return compiled, "cython", "compiled splice engine (epoll thread, splice through pipes)"
-    from zep._relay_py import relay as pure
+    from zep import _relay_py as pure
 
     return pure, "python", why
 
 
-relay, IMPLEMENTATION, WHY = _choose()
+implementation, IMPLEMENTATION, WHY = _choose()
+start = implementation.start  # before the first pair: the server calls it before it listens
+ready = implementation.ready
+relay = implementation.relay
 
-__all__ = ["relay", "IMPLEMENTATION", "WHY"]
+__all__ = ["relay", "start", "ready", "implementation", "IMPLEMENTATION", "WHY"]

@@ -15,17 +15,19 @@ import sys
 from collections.abc import Awaitable, Callable
 
 import zep
-from zep import hardening, readyfile
+from zep import hardening, readyfile, relay
 from zep.auth import Credentials, random_credentials
 from zep.config import Settings
 from zep.dial import Dialer
 from zep.proxy_env import remove_self_proxies
 from zep.readyfile import Ready, ReadyFileError
+from zep.relay_result import RelayUnavailable
 from zep.routing import Router, fallback_dialer
 
 log = logging.getLogger("zep")
 
 EXIT_CONFIG = 2
+EXIT_RELAY = 1  # the relay could not start (the environment, not the configuration)
 
 # Runs once the proxy is ready; its result is zep's exit status.
 Job = Callable[[Ready], Awaitable[int]]
@@ -43,6 +45,11 @@ def run_proxy(settings: Settings, job: Job | None = None) -> int:
 
     if not settings.dumpable:
         hardening.make_undumpable()
+    try:
+        relay.start()  # before anything listens: a relay that cannot run is a start-up error
+    except RelayUnavailable as exc:
+        print(f"zep: error: {exc}", file=sys.stderr)
+        return EXIT_RELAY
     listening = [(settings.socks_enabled, settings.socks_port), (settings.http_enabled, settings.http_port)]
     remove_self_proxies(os.environ, settings.proxy_host, [port for enabled, port in listening if enabled])
     try:
@@ -80,7 +87,6 @@ def run_proxy(settings: Settings, job: Job | None = None) -> int:
 
 
 async def _serve(settings: Settings, router: Router, job: Job | None) -> int:
-    from zep import relay
     from zep.http_session import OVERLOADED, serve_http
     from zep.server import Context, ProxyServer, format_address
     from zep.socks_session import serve_socks5

@@ -1,55 +1,23 @@
-# C declarations used by the compiled relay engine (Linux only).
-#
-# Everything the engine calls outside libc's stdlib/string lives here, so the
-# engine itself reads like Python. Constants are taken from the system
-# headers at build time.
+# C declarations of the compiled relay engine (Linux only) that Cython's own `libc` and `posix`
+# packages lack: splice and pipe sizes, sockets, epoll, eventfd and pthreads. Everything else
+# (errno, close/read/write, fcntl, clocks, signal sets) is cimported from those packages.
 
 from libc.stdint cimport uint32_t, uint64_t
-
-
-cdef extern from "<errno.h>" nogil:
-    int errno
-    enum:
-        EAGAIN
-        EWOULDBLOCK
-        EINTR
-        EINVAL
-        ENOTCONN
-        ENOMEM
-
-
-cdef extern from "<time.h>" nogil:
-    ctypedef long time_t
-    struct timespec:
-        time_t tv_sec
-        long tv_nsec
-    enum:
-        CLOCK_MONOTONIC
-    int clock_gettime(int clk_id, timespec *tp)
-
-
-cdef extern from "<unistd.h>" nogil:
-    ctypedef long ssize_t
-    int close(int fd)
-    ssize_t read(int fd, void *buf, size_t count)
-    ssize_t write(int fd, const void *buf, size_t count)
-    int pipe2(int pipefd[2], int flags)
+from posix.types cimport sigset_t
 
 
 cdef extern from "<fcntl.h>" nogil:
     ctypedef long long loff_t
     enum:
-        F_GETFL
-        F_SETFL
         F_SETPIPE_SZ
         F_GETPIPE_SZ
-        O_NONBLOCK
-        O_CLOEXEC
         SPLICE_F_MOVE
         SPLICE_F_NONBLOCK
-    int fcntl(int fd, int cmd, ...)
-    ssize_t splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_out,
-                   size_t len, unsigned int flags)
+    ssize_t splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_out, size_t len, unsigned int flags)
+
+
+cdef extern from "<unistd.h>" nogil:
+    int pipe2(int pipefd[2], int flags)
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -83,9 +51,6 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLL_CTL_DEL
         EPOLL_CLOEXEC
     union epoll_data:
-        void *ptr
-        int fd
-        uint32_t u32
         uint64_t u64
     ctypedef epoll_data epoll_data_t
     struct epoll_event:
@@ -103,14 +68,6 @@ cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
 
 
-cdef extern from "<signal.h>" nogil:
-    ctypedef struct sigset_t:
-        pass
-    enum:
-        SIG_SETMASK
-    int sigfillset(sigset_t *set)
-
-
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
     ctypedef struct pthread_attr_t:
@@ -118,6 +75,10 @@ cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
         pass
     ctypedef struct pthread_mutexattr_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    ctypedef struct pthread_condattr_t:
         pass
     int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
                        void *(*start_routine)(void *) noexcept nogil, void *arg)
@@ -127,3 +88,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_destroy(pthread_mutex_t *mutex)
     int pthread_mutex_lock(pthread_mutex_t *mutex)
     int pthread_mutex_unlock(pthread_mutex_t *mutex)
+    int pthread_cond_init(pthread_cond_t *cond, const pthread_condattr_t *attr)
+    int pthread_cond_destroy(pthread_cond_t *cond)
+    int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
+    int pthread_cond_broadcast(pthread_cond_t *cond)
