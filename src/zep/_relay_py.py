@@ -1,12 +1,12 @@
-"""Pure-Python relay: two asyncio protocols wired back to back.
+"""Pure-Python relay: each direction a small pump on the event loop's reader and writer callbacks.
 
-Works on uvloop and on the default asyncio loop. Each socket gets a transport
-(``loop.connect_accepted_socket``); what one side reads is written to the other.
-Flow control is the transports' own: when a side's write buffer goes above its
-high-water mark, its protocol's ``pause_writing`` stops reading on the peer, and
-``resume_writing`` starts it again, so at most one buffer's worth of data per
-direction is held in memory. EOF on one side becomes ``write_eof`` (a
-``shutdown(SHUT_WR)`` once the buffer drains) on the other.
+Works on uvloop and on the default asyncio loop. A direction reads one chunk from its source,
+sends it to its destination, and reads the next only once that chunk is out, so at most one chunk
+per direction is held in memory and a side is never read faster than the other takes it (while the
+destination is full, the source is not even watched). It counts what `send()` accepted, as the
+compiled engine does, so a pair cut by a reset reports the bytes the socket took, not bytes that
+were still waiting here. EOF from the source becomes `shutdown(SHUT_WR)` on the destination once
+the chunk is out.
 """
 
 from __future__ import annotations
@@ -22,238 +22,144 @@ from zep.relay_result import RelayCancelled, RelayEnd, RelayResult
 
 __all__ = ["relay", "start", "ready"]
 
-# Per-direction write buffer limits. The high-water mark bounds what one
-# direction holds in memory (plus one read, which the transport caps).
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+CHUNK = 65536  # one read per direction; below malloc's mmap threshold, and freed once sent
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-def _error_text(exc: BaseException) -> str:
-    code = getattr(exc, "errno", None)
-    if code:
-        return errno.errorcode.get(code, str(code))
-    return str(exc) or type(exc).__name__
+def _error_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else str(exc) or type(exc).__name__
 
 
-class _Side(asyncio.Protocol):
-    """One socket of the pair. ``peer`` is the side its data is written to."""
+class _Direction:
+    """src -> dst. `pending[sent:]` is what was read and not yet sent."""
 
-    def __init__(self, pair: _Pair, sock: socket.socket) -> None:
+    def __init__(self, pair: _Pair, src: socket.socket, dst: socket.socket, early: bytes) -> None:
         self.pair = pair
-        self.sock = sock
-        self.peer: _Side | None = None
-        self.transport: asyncio.Transport | None = None
-        self.written = 0  # bytes handed to this side's transport
-        self.eof = False  # this side sent EOF (we no longer read it)
-        self.peer_full = False  # the peer's write buffer is above high water
-        self.reading = True  # actual transport reading state
-        self.lost = False
-        self.closed_by_us = False
-        self.uncounted = False
-        self.early: list[bytes] = []  # read before the pair started (see data_received)
-        self.connecting = False  # the loop is making our transport
-        self.pending_close: bool | None = None  # close(reset=...) asked meanwhile
+        self.src = src
+        self.dst = dst
+        self.pending = early
+        self.sent = 0
+        self.bytes = 0  # accepted by dst's send(), early bytes included
+        self.eof = False  # src said EOF
+        self.shut = False  # EOF passed on
+        self.reading = False  # a reader on src is registered
+        self.writing = False  # a writer on dst is registered
 
-    def uncount_buffered(self) -> None:
-        """Bytes still in the write buffer were never written: take them off once."""
-        if self.uncounted or self.transport is None:
-            return
-        self.uncounted = True
-        try:
-            self.written -= self.transport.get_write_buffer_size()
-        except Exception:  # pragma: no cover - transport already torn down
-            pass
+    def pump(self) -> None:
+        """Move what can move now; register for what has to wait."""
+        pair = self.pair
+        while not pair.ending:
+            if self.sent < len(self.pending):
+                try:
+                    n = self.dst.send(memoryview(self.pending)[self.sent:])
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError as exc:
+                    pair.fail(self.dst, exc)
+                    return
+                self.sent += n
+                self.bytes += n
+                if n:
+                    pair.last_activity = time.monotonic()
+                if self.sent < len(self.pending):
+                    self._watch(read=False, write=True)  # dst is full: stop reading src
+                    return
+                self.pending, self.sent = b"", 0
+            if self.eof:
+                self._watch(read=False, write=False)
+                if not self.shut:
+                    self.shut = True
+                    with contextlib.suppress(OSError):  # a peer gone meanwhile shows on its own side
+                        self.dst.shutdown(socket.SHUT_WR)
+                    pair.maybe_done()
+                return
+            try:
+                data = self.src.recv(CHUNK)
+            except (BlockingIOError, InterruptedError):
+                self._watch(read=True, write=False)
+                return
+            except OSError as exc:
+                pair.fail(self.src, exc)
+                return
+            pair.last_activity = time.monotonic()
+            if data:
+                self.pending = data
+            else:
+                self.eof = True
 
-    # -- reading control -------------------------------------------------
-    def update_reading(self) -> None:
-        tr = self.transport
-        if tr is None or self.lost or self.eof or tr.is_closing():
-            return
-        want = self.pair.started and not self.peer_full
-        if want and not self.reading:
-            self.reading = True
-            tr.resume_reading()
-        elif not want and self.reading:
-            self.reading = False
-            tr.pause_reading()
-
-    # -- protocol callbacks ----------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.connecting = False
-        if self.pending_close is not None:
-            self.close(reset=self.pending_close)
-            return
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
-        self.update_reading()  # paused until both sides are ready
-        self.pair.side_ready()
-
-    def data_received(self, data: bytes) -> None:
-        if not self.pair.started:
-            # Some loops start reading right after connection_made even when it
-            # paused the transport; keep this one read and pause for real now.
-            self.early.append(data)
-            self.transport.pause_reading()  # type: ignore[union-attr]
-            self.reading = False
-            return
-        peer = self.peer
-        if peer is None or peer.transport is None or peer.lost or peer.transport.is_closing():
-            return
-        self.pair.last_activity = time.monotonic()
-        peer.written += len(data)
-        peer.transport.write(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self.reading = False
-        if not self.pair.started:
-            return True  # passed on when the pair starts
-        self.pair.last_activity = time.monotonic()
-        peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.lost:
-            if not peer.transport.is_closing():
-                peer.transport.write_eof()
-        self.pair.maybe_done()
-        return True  # keep the transport open: the other direction may go on
-
-    def pause_writing(self) -> None:
-        # Our buffer is full: stop reading from the side that fills it.
-        peer = self.peer
-        if peer is not None:
-            peer.peer_full = True
-            peer.update_reading()
-
-    def resume_writing(self) -> None:
-        peer = self.peer
-        if peer is not None:
-            peer.peer_full = False
-            peer.update_reading()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self.lost:
-            return
-        self.lost = True
-        self.uncount_buffered()
-        if exc is None and not self.closed_by_us and not self.pair.ending:
-            # Closed under us without an error (should not happen with
-            # eof_received returning True); treat as a broken pair.
-            exc = ConnectionAbortedError(errno.ECONNABORTED, "connection closed")
-        if exc is not None:
-            self.pair.side_failed(self, exc)
-        self.pair.side_lost()
-
-    # -- teardown ----------------------------------------------------------
-    def close(self, *, reset: bool = False) -> None:
-        """Close after what is buffered is sent, or with reset=True drop it and reset the connection."""
-        tr = self.transport
-        if self.lost:
-            return
-        self.closed_by_us = True
-        if tr is None and self.connecting:
-            self.pending_close = reset  # done in connection_made
-            return
-        if reset:
-            with contextlib.suppress(OSError):  # already closed by the loop
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        if tr is None:
-            # Never got a transport (creation failed): close the socket ourselves.
-            self.lost = True
-            self.sock.close()
-            self.pair.side_lost()
-        elif reset:
-            self.uncount_buffered()
-            tr.abort()
-        else:
-            tr.close()
+    def _watch(self, *, read: bool, write: bool) -> None:
+        loop = self.pair.loop
+        if read != self.reading:
+            self.reading = read
+            if read:
+                loop.add_reader(self.src.fileno(), self.pump)
+            else:
+                loop.remove_reader(self.src.fileno())
+        if write != self.writing:
+            self.writing = write
+            if write:
+                loop.add_writer(self.dst.fileno(), self.pump)
+            else:
+                loop.remove_writer(self.dst.fileno())
 
 
 class _Pair:
-    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: socket.socket, upstream: socket.socket,
+                 to_upstream: bytes, to_client: bytes, idle_timeout: float | None) -> None:
         self.loop = loop
+        self.client = client
+        self.upstream = upstream
+        self.up = _Direction(self, client, upstream, to_upstream)
+        self.down = _Direction(self, upstream, client, to_client)
         self.idle_timeout = idle_timeout
-        self.started = False
-        self.ending = False
-        self.ready = 0
-        self.lost = 0
-        self.ended: RelayEnd | None = None
-        self.error = ""
         self.last_activity = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
+        self.ending = False
+        self.ended = RelayEnd.DONE
+        self.error = ""
         self.done: asyncio.Future[None] = loop.create_future()
-        self.client: _Side
-        self.upstream: _Side
-        self.early_up = b""
-        self.early_down = b""
 
-    def side_ready(self) -> None:
-        self.ready += 1
-        if self.ready < 2 or self.ending:
-            return
-        self.started = True
-        c, u = self.client, self.upstream
-        # Early bytes first, before anything read from either socket.
-        if self.early_up and not u.lost:
-            u.written += len(self.early_up)
-            u.transport.write(self.early_up)  # type: ignore[union-attr]
-        if self.early_down and not c.lost:
-            c.written += len(self.early_down)
-            c.transport.write(self.early_down)  # type: ignore[union-attr]
-        for side in (c, u):
-            held, side.early = side.early, []
-            for data in held:
-                side.data_received(data)
-        for side in (c, u):
-            if side.eof:
-                side.eof_received()
-        c.update_reading()
-        u.update_reading()
+    def start(self) -> None:
         if self.idle_timeout is not None:
             self.timer = self.loop.call_later(self.idle_timeout, self.check_idle)
+        self.up.pump()  # early bytes first, then whatever is there to read
+        self.down.pump()
 
     def check_idle(self) -> None:
         self.timer = None
-        if self.ending:
-            return
         assert self.idle_timeout is not None
         quiet = time.monotonic() - self.last_activity
         if quiet >= self.idle_timeout:
-            self.finish(RelayEnd.IDLE_TIMEOUT, reset=True)
+            self.finish(RelayEnd.IDLE_TIMEOUT)
         else:
             self.timer = self.loop.call_later(self.idle_timeout - quiet, self.check_idle)
 
     def maybe_done(self) -> None:
-        if self.client.eof and self.upstream.eof and not self.ending:
-            # Both directions finished: close() flushes what is buffered first.
+        if self.up.shut and self.down.shut:
             self.finish(RelayEnd.DONE)
 
-    def side_failed(self, side: _Side, exc: BaseException) -> None:
-        # The first error decides, even while a clean end is still flushing.
-        if self.ended is None or self.ended is RelayEnd.DONE:
-            self.ended = RelayEnd.CLIENT_ERROR if side is self.client else RelayEnd.UPSTREAM_ERROR
-            self.error = _error_text(exc)
-        other = side.peer
-        self.ending = True
-        if other is not None:
-            other.close(reset=True)
+    def fail(self, sock: socket.socket, exc: OSError) -> None:
+        self.error = _error_name(exc)
+        self.finish(RelayEnd.CLIENT_ERROR if sock is self.client else RelayEnd.UPSTREAM_ERROR)
 
-    def side_lost(self) -> None:
-        self.lost += 1
-        if self.lost >= 2:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
-            if not self.done.done():
-                self.done.set_result(None)
-
-    def finish(self, how: RelayEnd, *, reset: bool = False) -> None:
+    def finish(self, how: RelayEnd) -> None:
+        """Unwatch and close both sockets: with FINs when both directions finished, else reset."""
         if self.ending:
             return
         self.ending = True
         self.ended = how
-        self.client.close(reset=reset)
-        self.upstream.close(reset=reset)
+        if self.timer is not None:
+            self.timer.cancel()
+        for direction in (self.up, self.down):
+            direction._watch(read=False, write=False)
+        for sock in (self.client, self.upstream):
+            if how is not RelayEnd.DONE:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.close()
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 def start() -> None:
@@ -278,45 +184,21 @@ async def relay(
     """
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
-    pair = _Pair(loop, idle_timeout)
-    c = _Side(pair, client)
-    u = _Side(pair, upstream)
-    c.peer, u.peer = u, c
-    pair.client, pair.upstream = c, u
-    pair.early_up, pair.early_down = bytes(to_upstream), bytes(to_client)
+    pair = _Pair(loop, client, upstream, bytes(to_upstream), bytes(to_client), idle_timeout)
 
-    def result(ended: RelayEnd | None = None) -> RelayResult:
-        return RelayResult(
-            bytes_up=max(u.written, 0),
-            bytes_down=max(c.written, 0),
-            seconds=time.monotonic() - t0,
-            ended=ended or pair.ended or RelayEnd.DONE,
-            error=pair.error if (ended or pair.ended) in (RelayEnd.CLIENT_ERROR, RelayEnd.UPSTREAM_ERROR) else "",
-        )
+    def result(ended: RelayEnd) -> RelayResult:
+        failed = ended in (RelayEnd.CLIENT_ERROR, RelayEnd.UPSTREAM_ERROR)
+        return RelayResult(pair.up.bytes, pair.down.bytes, time.monotonic() - t0, ended, pair.error if failed else "")
 
     try:
-        for side in (c, u):
-            if side.lost:  # the other side already failed and closed this one
-                continue
-            side.sock.setblocking(False)
-            side.connecting = True
-            try:
-                await loop.connect_accepted_socket(lambda side=side: side, sock=side.sock)
-            finally:
-                # On failure the loop has closed (or never took) the socket; a
-                # later close() must not wait for a connection_made.
-                side.connecting = False
+        client.setblocking(False)
+        upstream.setblocking(False)
+        pair.start()
         await asyncio.shield(pair.done)
     except asyncio.CancelledError:
-        pair.ending = True
-        if pair.timer is not None:
-            pair.timer.cancel()
-        c.close(reset=True)
-        u.close(reset=True)
+        pair.finish(RelayEnd.CANCELLED)
         raise RelayCancelled(result(RelayEnd.CANCELLED)) from None
     except BaseException:
-        pair.ending = True
-        c.close(reset=True)
-        u.close(reset=True)
+        pair.finish(RelayEnd.CANCELLED)  # cannot relay: both closed, with a reset
         raise
-    return result()
+    return result(pair.ended)
