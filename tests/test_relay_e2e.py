@@ -135,3 +135,48 @@ def test_a_relay_that_cannot_start_stops_zep_at_start_up() -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["zep: error: cannot start the compiled relay: Too many open files (EMFILE); "
                      "ZEP_NO_EXTENSIONS=1 runs the pure-Python relay"]
+
+
+def test_a_pair_the_relay_refuses_is_logged_as_zeps_internal_error(storm_echo):
+    """The server's connection code with the real engine stopped: the tunnel's access entry says
+    internal-error and why, not client-error."""
+    if os.environ.get("ZEP_NO_EXTENSIONS"):
+        pytest.skip("ZEP_NO_EXTENSIONS is set: the compiled relay is deliberately off")
+    import asyncio
+
+    import uvloop
+
+    from zep import _relay, accesslog
+    from zep.config import Settings
+    from zep.dial import DirectDialer
+    from zep.outcome import Outcome
+    from zep.routing import Router
+    from zep.server import Context, ProxyServer
+    from zep.socks_session import serve_socks5
+
+    entries: list[accesslog.AccessEntry] = []
+
+    async def main() -> None:
+        settings = Settings(direct=True, username="", password="")
+        server = ProxyServer(Context(settings, Router([], DirectDialer(), 5.0), _relay.relay, None))
+        port = server.listen("socks5", 0, serve_socks5).address[1]
+        def client() -> bytes | type:
+            with socks_session(port, storm_echo.host, storm_echo.port) as (sock, _reply):
+                try:
+                    return sock.recv(1)
+                except ConnectionResetError as exc:
+                    return type(exc)
+
+        assert await asyncio.get_running_loop().run_in_executor(None, client) is ConnectionResetError
+        await server.shutdown()  # the entry was emitted as the pair was refused
+
+    accesslog.subscribe(entries.append)
+    _relay.stop()
+    try:
+        uvloop.run(asyncio.wait_for(main(), STORM_TIMEOUT))
+    finally:
+        accesslog.unsubscribe(entries.append)
+        _relay.start()
+    (entry,) = entries
+    assert entry.outcome is Outcome.INTERNAL_ERROR
+    assert "not running" in entry.detail

@@ -18,7 +18,7 @@ from zep.auth import Credentials
 from zep.config import ENVIRONMENT, FLAGS, Settings
 from zep.dial import Upstream
 from zep.outcome import Outcome
-from zep.relay_result import RelayCancelled, RelayResult
+from zep.relay_result import RelayCancelled, RelayResult, RelayUnavailable
 from zep.routing import Router
 
 log = logging.getLogger("zep.server")
@@ -181,6 +181,9 @@ class ProxyServer:
         except asyncio.CancelledError:
             record.outcome = Outcome.CANCELLED
             raise
+        except RelayUnavailable as exc:  # zep's failure, not the client's
+            record.outcome = Outcome.INTERNAL_ERROR
+            record.detail = str(exc)
         except OSError as exc:  # the client reset or broke the connection
             record.outcome = Outcome.CLIENT_ERROR
             record.detail = record.detail or str(exc) or type(exc).__name__
