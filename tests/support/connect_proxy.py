@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from tests.support.clients import recv_head
+from tests.support.upstreams import BACKLOG
 
 EARLY_BYTES = b"220 early bytes from the destination\r\n"
 LOOPBACK_TARGETS = {"127.0.0.1", "localhost", "::1"}
@@ -136,6 +137,7 @@ def _pump(a: socket.socket, b: socket.socket) -> None:
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = BACKLOG
 
     def __init__(self, proxy: ConnectProxy) -> None:
         self.proxy = proxy

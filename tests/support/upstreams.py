@@ -115,8 +115,14 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
 
 
+# socketserver's default backlog of 5 drops the SYNs of a burst of clients, which then retry
+# only after a second or more: tests that open tens of connections at once would stall.
+BACKLOG = 256
+
+
 class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = BACKLOG
 
     def __init__(self, address: tuple[str, int], name: str, family: int = socket.AF_INET) -> None:
         self.address_family = family
@@ -217,6 +223,7 @@ class _SpeakFirstHandler(socketserver.BaseRequestHandler):
 class _TCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = BACKLOG
 
     def __init__(self, handler: type[socketserver.BaseRequestHandler]) -> None:
         self.received: list[bytes] = []
