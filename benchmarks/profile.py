@@ -33,8 +33,8 @@ from tests.support.zepproc import start_zep  # noqa: E402
 CATEGORIES = [
     ("access log", ("AccessRecord.emit", "Logger.")),
     ("upstream dial", ("dial.py", "Router.connect")),
-    ("relay hand-off", ("Session.relay",)),
-    ("SOCKS5 handshake", ("_negotiate", "Session.recv", "Session.send", "socks5.py")),
+    ("relay hand-off", ("Driver._tunnel",)),
+    ("SOCKS5 handshake", ("socks_exchange.py", "socks5.py", "driver.py")),
     ("accept", ("_accept_all",)),
 ]
 

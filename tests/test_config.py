@@ -65,7 +65,7 @@ def test_zep_variables():
         "ZEP_FALLBACK": "deny", "ZEP_TIMEOUT_HANDSHAKE": "2.5", "ZEP_TIMEOUT_CONNECT": "3", "ZEP_TIMEOUT_TUNNEL": "60",
         "ZEP_MAXCONN": "7", "ZEP_LOG_LEVEL": "debug", "ZITI_IDENTITIES": "a.json", "ZEP_ZITI_LOAD_TIMEOUT": "9",
     })
-    assert (s.fallback, s.handshake_timeout, s.connect_timeout, s.idle_timeout) == ("deny", 2.5, 3.0, 60.0)
+    assert (s.fallback, s.http_request_timeout, s.connect_timeout, s.tunnel_timeout) == ("deny", 2.5, 3.0, 60.0)
     assert (s.max_connections, s.log_level, s.ziti_load_timeout) == (7, "debug", 9.0)
     assert settings({"ZEP_DIRECT": "yes"}).direct
 
@@ -77,6 +77,30 @@ def test_egress_settings():
     flags = settings({"ZEP_EGRESS": "deny *"}, "--direct", "--egress", "allow a.example", "--egress", "deny *",
                      "--egress-default", "allow")
     assert flags.egress_rules == ("allow a.example", "deny *") and flags.egress_policy().default_allow
+
+
+def test_named_timeouts_defaults_variables_and_flags():
+    s = settings({}, "--direct")
+    assert (s.http_request_timeout, s.http_keep_alive_timeout, s.client_timeout, s.server_timeout,
+            s.connect_timeout, s.tunnel_timeout, s.drain_timeout) == (10, 10, 60, 60, 10, 600, 25)
+    s = settings({"ZEP_TIMEOUT_HTTP_REQUEST": "1", "ZEP_TIMEOUT_HTTP_KEEP_ALIVE": "2", "ZEP_TIMEOUT_CLIENT": "3",
+                  "ZEP_TIMEOUT_SERVER": "4", "ZEP_TIMEOUT_CONNECT": "5", "ZEP_TIMEOUT_TUNNEL": "6",
+                  "ZEP_DRAIN_TIMEOUT": "0", "ZEP_LOG_FORMAT": "json"}, "--direct")
+    assert (s.http_request_timeout, s.http_keep_alive_timeout, s.client_timeout, s.server_timeout,
+            s.connect_timeout, s.tunnel_timeout, s.drain_timeout, s.log_format) == (1, 2, 3, 4, 5, 6, 0, "json")
+    s = settings({}, "--direct", "--timeout-http-request", "1", "--timeout-http-keep-alive", "2", "--timeout-client",
+                 "3", "--timeout-server", "4", "--timeout-connect", "5", "--timeout-tunnel", "6", "--drain-timeout",
+                 "7", "--log-format", "json")
+    assert (s.http_request_timeout, s.http_keep_alive_timeout, s.client_timeout, s.server_timeout,
+            s.connect_timeout, s.tunnel_timeout, s.drain_timeout, s.log_format) == (1, 2, 3, 4, 5, 6, 7, "json")
+
+
+def test_old_timeout_names_are_aliases():
+    s = settings({"ZEP_TIMEOUT_HANDSHAKE": "2"}, "--direct")
+    assert s.http_request_timeout == 2
+    assert settings({"ZEP_TIMEOUT_HANDSHAKE": "2", "ZEP_TIMEOUT_HTTP_REQUEST": "3"}, "--direct").http_request_timeout == 3
+    s = settings({}, "--direct", "--handshake-timeout", "1", "--connect-timeout", "2", "--tunnel-timeout", "3")
+    assert (s.http_request_timeout, s.connect_timeout, s.tunnel_timeout) == (1, 2, 3)
 
 
 def test_flags_win_over_environment():
@@ -118,6 +142,12 @@ def test_upstream_proxy_settings():
     ({}, ["--upstream-proxy", "http://h:x"], "--upstream-proxy: the upstream proxy URL is malformed"),
     ({}, ["--upstream-proxy", "http://u:pw@h:3128"], "--upstream-proxy must not carry a password"),
     ({"ZEP_UPSTREAM_PROXY": "http://h:1", "ZEP_UPSTREAM_NO_PROXY": "a:b"}, [], "ZEP_UPSTREAM_NO_PROXY: no-proxy entry"),
+    ({"ZEP_TIMEOUT_HANDSHAKE": "-1"}, [], "ZEP_TIMEOUT_HANDSHAKE must be more than 0"),
+    ({}, ["--timeout-client", "0"], "--timeout-client must be more than 0"),
+    ({"ZEP_TIMEOUT_SERVER": "soon"}, [], "ZEP_TIMEOUT_SERVER must be a number of seconds"),
+    ({"ZEP_TIMEOUT_HTTP_KEEP_ALIVE": "0"}, [], "ZEP_TIMEOUT_HTTP_KEEP_ALIVE must be more than 0"),
+    ({"ZEP_DRAIN_TIMEOUT": "-1"}, [], "ZEP_DRAIN_TIMEOUT must be 0 seconds or more"),
+    ({"ZEP_LOG_FORMAT": "xml"}, [], "ZEP_LOG_FORMAT must be logfmt or json"),
     ({"ZEP_MAXCONN": "0"}, [], "ZEP_MAXCONN must be at least 1"),
     ({"PROXY_USERNAME": "only-user", "PROXY_PASSWORD": ""}, [], "must be set together"),
     ({"PROXY_HOST": "0.0.0.0"}, [], "reachable from other machines"),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.clients import curl, socks_session
+from tests.support.clients import access_needle, curl, socks_session
 from tests.support.upstreams import Upstream, http_upstream
 from tests.support.zepproc import ZepProcess, start_zep
 from tests.support.ziti import openziti_path, service, standin_library, write_identity  # noqa: F401  (fixtures)
@@ -83,7 +83,7 @@ def test_denied_by_name_before_any_lookup(zep_rules, listener):
     """The name does not resolve: had zep looked it up, the failure would say so, not name the rule."""
     result = curl(*via(zep_rules, listener), "-w", "%{http_code}", f"http://{listener}.blocked.test/")
     assert curl_socks_reply(result) == 0x02 if listener == "socks5" else result.stdout.endswith(b"403")
-    line = access_line(zep_rules, f"{listener}.blocked.test:80")
+    line = zep_rules.wait_for_log(access_needle(listener, f"{listener}.blocked.test:80"))
     assert "route=deny" in line and "outcome=denied" in line and 'egress rule 1 \\"deny *.blocked.test\\"' in line
 
 
@@ -103,7 +103,7 @@ def test_denied_by_cidr(zep_rules, http_c, listener):
     tunnel = ["-p", "-w", "%{http_connect}"] if listener == "http" else []
     result = curl(*tunnel, *via(zep_rules, listener), f"http://127.0.0.1:{http_c.port}/whoami")
     assert curl_socks_reply(result) == 0x02 if listener == "socks5" else result.stdout.endswith(b"403")
-    line = zep_rules.wait_for_log(f"proto={listener} target=127.0.0.1:{http_c.port} ")
+    line = zep_rules.wait_for_log(access_needle(listener, f"127.0.0.1:{http_c.port}", method="CONNECT"))
     assert 'egress rule 4 \\"deny 127.0.0.0/8\\"' in line
     assert not http_c.requests
 
@@ -120,7 +120,7 @@ def test_a_name_that_resolves_to_a_denied_address_is_denied(zep_rules, http_c):
 def test_metadata_address_denied_before_any_connect(zep_rules, connect_log, listener):
     result = curl(*via(zep_rules, listener), "-w", "%{http_code}", "http://169.254.169.254/latest/meta-data/")
     assert curl_socks_reply(result) == 0x02 if listener == "socks5" else result.stdout.endswith(b"403")
-    line = zep_rules.wait_for_log(f"proto={listener} target=169.254.169.254:80 ")
+    line = zep_rules.wait_for_log(access_needle(listener, "169.254.169.254:80"))
     assert "outcome=denied" in line and "link-local or cloud metadata" in line
     assert not [entry for entry in connects(connect_log) if "169.254" in entry]
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import threading
+import time
 
 import httpx
+import pytest
 import requests
 
 from tests.support.clients import blackhole_port, curl, curl_sha256, recv_exactly, recv_until_eof
@@ -41,7 +44,7 @@ def test_curl_plain_http_big_download(zep, http_a, tmp_path):
                                out=tmp_path / "out")
     assert code == 0, digest
     assert digest == sha256(payload(BIG))
-    line = zep.wait_for_log(f"proto=http target=127.0.0.1:{http_a.port}")
+    line = zep.wait_for_log(f"proto=http method=GET target=http://127.0.0.1:{http_a.port} path=/bytes/{BIG} status=200")
     assert "route=direct" in line and "outcome=ok" in line
 
 
@@ -90,6 +93,12 @@ def test_keep_alive_routes_each_request_on_its_own(zep, http_a, http_b):
             assert status == 200
             assert headers["connection"] == "keep-alive"
             assert json.loads(body)["server"] == upstream.name
+        client = f"client=127.0.0.1:{sock.getsockname()[1]} "
+    deadline = time.monotonic() + 10
+    while len(lines := [line for line in zep.access_lines() if client in line]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)  # the third line is written just after its response went out
+    targets = [line.split(" target=")[1].split()[0] for line in lines]
+    assert targets == [f"http://127.0.0.1:{u.port}" for u in (http_a, http_b, http_a)]  # one line per request
 
 
 def test_pipelined_requests_answered_in_order(zep, http_a, http_b):
@@ -119,7 +128,7 @@ def test_407_without_credentials(zep_auth, http_a):
     assert status == 407
     assert headers["proxy-authenticate"] == 'Basic realm="zep"'
     line = zep_auth.wait_for_log("no proxy credentials")
-    assert "outcome=auth-failed" in line and f"target=127.0.0.1:{http_a.port}" in line
+    assert "outcome=auth-failed" in line and f"target=http://127.0.0.1:{http_a.port} path=/whoami status=407" in line
 
 
 def test_wrong_credentials_rejected_by_curl(zep_auth, https_upstream, ca_file):
@@ -209,13 +218,118 @@ def test_http_over_maxconn_gets_503(relay_impl, echo):
                 assert recv_until_eof(second).startswith(b"HTTP/1.1 503")
 
 
-def test_expect_100_continue_is_answered_by_the_proxy(zep, http_a):
+def test_expect_100_continue_is_forwarded_and_the_upstream_answers(zep, http_a):
     body = b"x" * 1000
     with socket.create_connection(("127.0.0.1", zep.http_port), timeout=10) as sock:
         sock.sendall(f"POST http://127.0.0.1:{http_a.port}/sha256 HTTP/1.1\r\nHost: x\r\n"
                      f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
-        assert recv_exactly(sock, 25) == b"HTTP/1.1 100 Continue\r\n\r\n"  # before any body byte was sent
+        assert recv_exactly(sock, 25) == b"HTTP/1.1 100 Continue\r\n\r\n"  # the upstream's, before any body byte
         sock.sendall(body)
         status, _headers, answer = read_response(sock)
         assert status == 200 and json.loads(answer) == {"sha256": sha256(body), "length": len(body)}
-    assert "Expect" not in http_a.requests[-1][2]
+    assert http_a.requests[-1][2]["Expect"] == "100-continue"
+
+
+def test_expect_100_continue_gets_the_upstreams_final_answer_without_sending_the_body(zep, http_a):
+    with socket.create_connection(("127.0.0.1", zep.http_port), timeout=10) as sock:
+        sock.sendall(f"PUT http://127.0.0.1:{http_a.port}/early413 HTTP/1.1\r\nHost: x\r\n"
+                     f"Content-Length: 1000000\r\nExpect: 100-continue\r\n\r\n".encode())
+        status, headers, answer = read_response(sock)
+        assert (status, answer, headers["connection"]) == (413, b"too large", "close")
+        assert recv_until_eof(sock) == b""  # the body was never sent: the connection cannot go on
+
+
+@pytest.mark.parametrize("expect", ["Expect:", "Expect: 100-continue"])
+def test_early_answer_to_a_big_upload_reaches_curl(zep, http_a, tmp_path, expect):
+    """An upstream that refuses an upload before reading it: curl gets its 413, as without a proxy."""
+    upload = tmp_path / "upload"
+    with open(upload, "wb") as out:
+        out.truncate(100 * 1024 * 1024)
+    result = curl("-x", f"http://127.0.0.1:{zep.http_port}", "-X", "POST", "-T", str(upload), "-H", expect,
+                  "--write-out", "%{http_code}", "--output", "/dev/null", f"http://127.0.0.1:{http_a.port}/early413")
+    assert result.stdout == b"413", result
+    line = zep.wait_for_log(f"target=http://127.0.0.1:{http_a.port} path=/early413 status=413")
+    assert "outcome=ok" in line
+
+
+@pytest.mark.parametrize("request_line, headers", [
+    ("GET http://127.0.0.1:{port}/whoami HTTP/1.1", ""),  # RFC 9112 3.2: HTTP/1.1 without Host
+    ("GET http://127.0.0.1:{port}/whoami HTTP/1.1", "Host: two words\r\n"),  # an invalid Host
+    ("GET http://127.0.0.1:{port}/whoami HTTP/1.1", "Host: a\r\nHost: b\r\n"),
+    ("GET http://user:pw@127.0.0.1:{port}/whoami HTTP/1.1", "Host: x\r\n"),  # RFC 9110 4.2.4: userinfo
+    ("GET  http://127.0.0.1:{port}/whoami HTTP/1.1", "Host: x\r\n"),  # RFC 9112 3: single spaces
+    ("GET http://127.0.0.1:{port}/whoami  HTTP/1.1", "Host: x\r\n"),
+])
+def test_requests_a_server_must_refuse_get_400_and_go_nowhere(zep, http_a, request_line, headers):
+    before = len(http_a.requests)
+    request = (request_line.format(port=http_a.port) + "\r\n" + headers + "\r\n").encode()
+    with socket.create_connection(("127.0.0.1", zep.http_port), timeout=10) as sock:
+        sock.sendall(request)
+        status, response_headers, _ = read_response(sock)
+        assert (status, response_headers["connection"]) == (400, "close")
+        line = zep.wait_for_log(f"client=127.0.0.1:{sock.getsockname()[1]} ")
+    assert "outcome=bad-request" in line and "pw" not in line
+    assert len(http_a.requests) == before
+
+
+@pytest.mark.parametrize("user, logged", [("alice", "user=alice"), ("s3cret", "user=?")])
+def test_failed_login_logs_only_a_configured_user_name(zep_auth, http_a, user, logged):
+    result = curl("-x", f"http://{user}:nope@127.0.0.1:{zep_auth.http_port}", "--write-out", "%{http_code}",
+                  "--output", "/dev/null", f"http://127.0.0.1:{http_a.port}/whoami?login-{user}")
+    assert result.stdout == b"407"
+    line = zep_auth.wait_for_log(f"path=/whoami status=407 route=- {logged} ")
+    assert "s3cret" not in line and "nope" not in line and "login-" not in line  # nor the query string
+    with socket.create_connection(("127.0.0.1", zep_auth.socks_port), timeout=10) as sock:
+        sock.sendall(b"\x05\x01\x02")
+        assert recv_exactly(sock, 2) == b"\x05\x02"
+        sock.sendall(b"\x01" + bytes([len(user)]) + user.encode() + b"\x04nope")
+        assert recv_until_eof(sock) == b"\x01\x01"
+        line = zep_auth.wait_for_log(f"client=127.0.0.1:{sock.getsockname()[1]} ")
+    assert f" {logged} " in line and "s3cret" not in line and "outcome=auth-failed" in line
+
+
+def test_json_log_lines(relay_impl, http_a, http_b):
+    with start_zep("--direct", "--log-format", "json", relay=relay_impl) as zp:
+        with socket.create_connection(("127.0.0.1", zp.http_port), timeout=10) as sock:
+            for upstream, path in ((http_a, "/whoami?q=1"), (http_b, "/nothing"), (http_a, "/whoami")):
+                sock.sendall(f"GET http://127.0.0.1:{upstream.port}{path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                read_response(sock)
+        zp.wait_for_log('"path":"/whoami","status":200')
+        lines = [json.loads(line) for line in zp.log_text().splitlines()]
+    entries = [line for line in lines if "outcome" in line]
+    assert [(e["target"], e["path"], e["status"], e["outcome"]) for e in entries] == [
+        (f"http://127.0.0.1:{http_a.port}", "/whoami", 200, "ok"),
+        (f"http://127.0.0.1:{http_b.port}", "/nothing", 404, "ok"),
+        (f"http://127.0.0.1:{http_a.port}", "/whoami", 200, "ok"),
+    ]
+    assert all(e["method"] == "GET" and e["route"] == "direct" and e["up"] > 0 and e["down"] > 0 for e in entries)
+    assert any(line.get("logger") == "zep" and "ready" in line["message"] for line in lines)
+
+
+def test_an_idle_upstream_connection_the_server_closed_is_not_reused(zep):
+    """Servers close idle kept-alive connections (Apache after 5 s): the next request on the client's
+    connection must reach the server on a new one, as the client itself would do without a proxy."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    first_closed = threading.Event()
+
+    def server() -> None:
+        for number in (1, 2):
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % number)  # keep-alive...
+            first_closed.set()  # ... and yet closed, as idle connections are
+
+    thread = threading.Thread(target=server, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    with listener, socket.create_connection(("127.0.0.1", zep.http_port), timeout=10) as sock:
+        request = f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        sock.sendall(request)
+        assert read_response(sock)[2] == b"1"
+        assert first_closed.wait(10)
+        sock.sendall(request)
+        status, _, body = read_response(sock)
+        assert (status, body) == (200, b"2")

@@ -63,7 +63,7 @@ def bad(events) -> BadMessage:
 
 class TestAbsoluteForm:
     def test_simple_get(self):
-        events = parse_request(b"GET http://example.com/a/b?c=d#frag HTTP/1.1\r\nAccept: */*\r\n\r\n")
+        events = parse_request(b"GET http://example.com/a/b?c=d#frag HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n")
         assert events == [
             RequestHead(
                 method="GET",
@@ -81,26 +81,32 @@ class TestAbsoluteForm:
         ]
 
     def test_port_and_default_path(self):
-        head = head_of(b"GET http://svc.ziti:8080 HTTP/1.1\r\n\r\n")
+        head = head_of(b"GET http://svc.ziti:8080 HTTP/1.1\r\nHost: h\r\n\r\n")
         assert (head.host, head.port, head.target) == ("svc.ziti", 8080, b"/")
         assert head.headers[0] == (b"Host", b"svc.ziti:8080")
 
     def test_ipv6_host(self):
-        head = head_of(b"GET http://[::1]:81/x HTTP/1.1\r\n\r\n")
+        head = head_of(b"GET http://[::1]:81/x HTTP/1.1\r\nHost: h\r\n\r\n")
         assert (head.host, head.port, head.target) == ("::1", 81, b"/x")
         assert head.headers[0] == (b"Host", b"[::1]:81")
 
-    def test_scheme_case_insensitive_and_userinfo_dropped(self):
-        head = head_of(b"GET HTTP://user:pw@Example.COM/ HTTP/1.1\r\n\r\n")
+    def test_scheme_case_insensitive(self):
+        head = head_of(b"GET HTTP://Example.COM/ HTTP/1.1\r\nHost: h\r\n\r\n")
         assert (head.host, head.port) == ("Example.COM", 80)
         assert head.headers == ((b"Host", b"Example.COM"),)
+
+    @pytest.mark.parametrize("url", [b"http://user:pw@a/", b"http://user@a:81/x", b"http://@a/"])
+    def test_userinfo_is_refused_and_not_logged(self, url):
+        # RFC 9110 4.2.4: an http URL with user information SHOULD be rejected; it often holds a password.
+        refused = bad(parse_request(b"GET " + url + b" HTTP/1.1\r\nHost: a\r\n\r\n"))
+        assert (refused.status, refused.reason) == (400, "request target carries user information")
 
     def test_url_authority_wins_over_host_header(self):
         head = head_of(b"GET http://a.example/ HTTP/1.1\r\nX-A: 1\r\nhost: b.example\r\n\r\n")
         assert head.headers == ((b"Host", b"a.example"), (b"X-A", b"1"))
 
     def test_empty_query_kept(self):
-        assert head_of(b"GET http://a/p? HTTP/1.1\r\n\r\n").target == b"/p?"
+        assert head_of(b"GET http://a/p? HTTP/1.1\r\nHost: h\r\n\r\n").target == b"/p?"
 
     def test_origin_form_is_not_for_a_proxy(self):
         assert bad(parse_request(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")).status == 400
@@ -110,17 +116,17 @@ class TestAbsoluteForm:
 
     @pytest.mark.parametrize("url", [b"https://a/", b"ftp://a/", b"ws://a/"])
     def test_other_schemes_not_implemented(self, url):
-        assert bad(parse_request(b"GET " + url + b" HTTP/1.1\r\n\r\n")).status == 501
+        assert bad(parse_request(b"GET " + url + b" HTTP/1.1\r\nHost: h\r\n\r\n")).status == 501
 
     @pytest.mark.parametrize("url", [b"http:///x", b"http://a:0/", b"http://a:99999/", b"http://a:/x"])
     def test_no_usable_host_or_port(self, url):
-        assert bad(parse_request(b"GET " + url + b" HTTP/1.1\r\n\r\n")).status == 400
+        assert bad(parse_request(b"GET " + url + b" HTTP/1.1\r\nHost: h\r\n\r\n")).status == 400
 
 
 class TestHeaders:
     def test_hop_by_hop_and_proxy_headers_removed(self):
         head = head_of(
-            b"GET http://a/ HTTP/1.1\r\n"
+            b"GET http://a/ HTTP/1.1\r\nHost: h\r\n"
             b"Connection: keep-alive, X-Hop\r\n"
             b"X-Hop: 1\r\n"
             b"Keep-Alive: timeout=5\r\n"
@@ -138,19 +144,19 @@ class TestHeaders:
         assert head.proxy_authorization == b"Basic dTpw"
 
     def test_header_case_and_values_preserved(self):
-        head = head_of(b"GET http://a/ HTTP/1.1\r\nx-MiXeD: Some Value \xff\r\nX-Dup: 1\r\nX-Dup: 2\r\n\r\n")
+        head = head_of(b"GET http://a/ HTTP/1.1\r\nHost: h\r\nx-MiXeD: Some Value \xff\r\nX-Dup: 1\r\nX-Dup: 2\r\n\r\n")
         assert head.headers[1:] == ((b"x-MiXeD", b"Some Value \xff"), (b"X-Dup", b"1"), (b"X-Dup", b"2"))
 
     def test_multiple_host_headers(self):
         assert bad(parse_request(b"GET http://a/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")).status == 400
 
     def test_invalid_header_syntax(self):
-        assert bad(parse_request(b"GET http://a/ HTTP/1.1\r\nBad Header: x\r\n\r\n")).status == 400
-        assert bad(parse_request(b"GET http://a/ HTTP/1.1\r\nX: a\r\n folded\r\n\r\n")).status == 400
+        assert bad(parse_request(b"GET http://a/ HTTP/1.1\r\nHost: h\r\nBad Header: x\r\n\r\n")).status == 400
+        assert bad(parse_request(b"GET http://a/ HTTP/1.1\r\nHost: h\r\nX: a\r\n folded\r\n\r\n")).status == 400
         assert bad(parse_request(b"GET http://a/ HTTP/1.1\nX: a\n\n")).status == 400
 
     def test_expect_passes_through(self):
-        head = head_of(b"PUT http://a/ HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
+        head = head_of(b"PUT http://a/ HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
         assert (b"Expect", b"100-continue") in head.headers
 
 
@@ -168,11 +174,11 @@ class TestKeepAlive:
         ],
     )
     def test_keep_alive(self, version, headers, expected):
-        assert head_of(b"GET http://a/ HTTP/" + version + b"\r\n" + headers + b"\r\n").keep_alive is expected
+        assert head_of(b"GET http://a/ HTTP/" + version + b"\r\nHost: a\r\n" + headers + b"\r\n").keep_alive is expected
 
     def test_reader_stops_after_a_closing_request(self):
         events = parse_request(
-            b"GET http://a/1 HTTP/1.1\r\nConnection: close\r\n\r\nGET http://a/2 HTTP/1.1\r\n\r\n", splits=[50]
+            b"GET http://a/1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nGET http://a/2 HTTP/1.1\r\nHost: h\r\n\r\n", splits=[50]
         )
         assert [type(e) for e in events] == [RequestHead, MessageEnd]
 
@@ -190,7 +196,7 @@ class TestVersionAndMethod:
         assert bad(parse_request(b"GET http://a/ HTTP/" + version + b"\r\n\r\n")).status == 505
 
     def test_unknown_method(self):
-        assert bad(parse_request(b"FROB http://a/ HTTP/1.1\r\n\r\n")).status == 501
+        assert bad(parse_request(b"FROB http://a/ HTTP/1.1\r\nHost: h\r\n\r\n")).status == 501
 
     def test_garbage(self):
         assert bad(parse_request(b"\x16\x03\x01\x02\x00\x01\x00")).status in (400, 501)
@@ -198,18 +204,18 @@ class TestVersionAndMethod:
 
 class TestBodies:
     def test_content_length(self):
-        events = parse_request(b"POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello")
+        events = parse_request(b"POST http://a/ HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello")
         assert events[0].content_length == 5 and not events[0].chunked
         assert events[1:] == [BodyChunk(b"hello"), MessageEnd()]
 
     def test_content_length_zero(self):
-        events = parse_request(b"POST http://a/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        events = parse_request(b"POST http://a/ HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
         assert events[0].content_length == 0
         assert events[1:] == [MessageEnd()]
 
     def test_chunked_is_dechunked_and_trailers_dropped(self):
         events = parse_request(
-            b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n"
+            b"POST http://a/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked\r\n\r\n"
             b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n"
         )
         head = events[0]
@@ -219,15 +225,15 @@ class TestBodies:
 
     def test_body_not_complete_yet(self):
         reader = RequestReader()
-        events = reader.feed(b"POST http://a/ HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+        events = reader.feed(b"POST http://a/ HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
         assert [type(e) for e in events] == [RequestHead, BodyChunk]
         assert reader.feed(b"defghij") == [BodyChunk(b"defghij"), MessageEnd()]
 
     def test_pipelined_requests_in_order(self):
         events = parse_request(
-            b"POST http://a/1 HTTP/1.1\r\nContent-Length: 1\r\n\r\nx"
-            b"GET http://b/2 HTTP/1.1\r\n\r\n"
-            b"POST http://c/3 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\ny\r\n0\r\n\r\n"
+            b"POST http://a/1 HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx"
+            b"GET http://b/2 HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"POST http://c/3 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\r\ny\r\n0\r\n\r\n"
         )
         summary = [(e.host, e.target) if isinstance(e, RequestHead) else e for e in events]
         assert summary == [
@@ -244,7 +250,7 @@ class TestBodies:
     def test_feed_empty(self):
         reader = RequestReader()
         assert reader.feed(b"") == []
-        assert reader.feed(b"GET http://a/ HTTP/1.1\r\n") == []
+        assert reader.feed(b"GET http://a/ HTTP/1.1\r\nHost: h\r\n") == []
         assert reader.feed(b"") == []
         assert [type(e) for e in reader.feed(b"\r\n")] == [RequestHead, MessageEnd]
 
@@ -252,23 +258,23 @@ class TestBodies:
 class TestSmuggling:
     def test_content_length_and_transfer_encoding(self):
         events = parse_request(
-            b"POST http://a/ HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            b"POST http://a/ HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
         )
         assert events == [bad(events)] and events[0].status == 400
 
     def test_transfer_encoding_then_content_length(self):
         events = parse_request(
-            b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n"
+            b"POST http://a/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n"
         )
         assert bad(events).status == 400
 
     @pytest.mark.parametrize("lengths", [b"Content-Length: 1\r\nContent-Length: 2\r\n", b"Content-Length: 1, 2\r\n"])
     def test_differing_content_lengths(self, lengths):
-        assert bad(parse_request(b"POST http://a/ HTTP/1.1\r\n" + lengths + b"\r\nab")).status == 400
+        assert bad(parse_request(b"POST http://a/ HTTP/1.1\r\nHost: h\r\n" + lengths + b"\r\nab")).status == 400
 
     @pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked", b"identity"])
     def test_other_transfer_codings(self, coding):
-        events = parse_request(b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: " + coding + b"\r\n\r\n0\r\n\r\n")
+        events = parse_request(b"POST http://a/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: " + coding + b"\r\n\r\n0\r\n\r\n")
         assert bad(events).status in (400, 501)
         assert not any(isinstance(e, RequestHead) for e in events)
 
@@ -276,13 +282,13 @@ class TestSmuggling:
         assert bad(parse_request(b"POST http://a/ HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")).status == 400
 
     def test_bad_chunk_size(self):
-        events = parse_request(b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        events = parse_request(b"POST http://a/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
         assert [type(e) for e in events] == [RequestHead, BadMessage]
 
     def test_nothing_after_a_bad_message(self):
         reader = RequestReader()
-        assert bad(reader.feed(b"GET /x HTTP/1.1\r\n\r\n"))
-        assert reader.feed(b"GET http://a/ HTTP/1.1\r\n\r\n") == []
+        assert bad(reader.feed(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"))
+        assert reader.feed(b"GET http://a/ HTTP/1.1\r\nHost: h\r\n\r\n") == []
 
 
 class TestConnect:
@@ -297,39 +303,39 @@ class TestConnect:
 
     def test_early_bytes_become_leftover(self):
         reader = RequestReader()
-        events = reader.feed(b"CONNECT a:443 HTTP/1.1\r\n\r\n\x16\x03\x01hello GET http://x/ HTTP/1.1\r\n\r\n")
+        events = reader.feed(b"CONNECT a:443 HTTP/1.1\r\nHost: h\r\n\r\n\x16\x03\x01hello GET http://x/ HTTP/1.1\r\nHost: h\r\n\r\n")
         assert [type(e) for e in events] == [RequestHead, MessageEnd]
         assert reader.feed(b"more") == []
-        assert reader.take_leftover() == b"\x16\x03\x01hello GET http://x/ HTTP/1.1\r\n\r\nmore"
+        assert reader.take_leftover() == b"\x16\x03\x01hello GET http://x/ HTTP/1.1\r\nHost: h\r\n\r\nmore"
         assert reader.take_leftover() == b""
 
     def test_after_keep_alive_requests(self):
         reader = RequestReader()
-        events = reader.feed(b"GET http://a/ HTTP/1.1\r\n\r\nCONNECT b:22 HTTP/1.1\r\n\r\nSSH-2.0")
+        events = reader.feed(b"GET http://a/ HTTP/1.1\r\nHost: h\r\n\r\nCONNECT b:22 HTTP/1.1\r\nHost: h\r\n\r\nSSH-2.0")
         assert [(e.method, e.host) for e in events if isinstance(e, RequestHead)] == [("GET", "a"), ("CONNECT", "b")]
         assert reader.take_leftover() == b"SSH-2.0"
 
     def test_ipv6(self):
-        head = head_of(b"CONNECT [2001:db8::1]:8443 HTTP/1.1\r\n\r\n")
+        head = head_of(b"CONNECT [2001:db8::1]:8443 HTTP/1.1\r\nHost: h\r\n\r\n")
         assert (head.host, head.port) == ("2001:db8::1", 8443)
-        assert head_of(b"CONNECT [2001:DB8:0::1]:1 HTTP/1.1\r\n\r\n").host == "2001:DB8:0::1"
+        assert head_of(b"CONNECT [2001:DB8:0::1]:1 HTTP/1.1\r\nHost: h\r\n\r\n").host == "2001:DB8:0::1"
 
     @pytest.mark.parametrize(
         "target",
         [b"a", b"a:", b"a:0", b"a:65536", b"a:123456", b"a:x", b":443", b"[zz]:443", b"::1:443", b"a/b:443", b"a@b:1"],
     )
     def test_bad_targets(self, target):
-        assert bad(parse_request(b"CONNECT " + target + b" HTTP/1.1\r\n\r\n")).status == 400
+        assert bad(parse_request(b"CONNECT " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")).status == 400
 
     def test_connect_with_a_body(self):
-        assert bad(parse_request(b"CONNECT a:1 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")).status == 400
+        assert bad(parse_request(b"CONNECT a:1 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc")).status == 400
 
 
 class TestUpgrade:
     def test_upgrade_is_not_forwarded_and_the_connection_stays_http(self):
         events = parse_request(
-            b"GET http://a/ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: k\r\n\r\n"
-            b"GET http://a/next HTTP/1.1\r\n\r\n"
+            b"GET http://a/ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: k\r\n\r\n"
+            b"GET http://a/next HTTP/1.1\r\nHost: h\r\n\r\n"
         )
         heads = [e for e in events if isinstance(e, RequestHead)]
         assert [h.target for h in heads] == [b"/ws", b"/next"]
@@ -342,8 +348,8 @@ class TestUpgrade:
     def test_upgrade_with_body(self, framing, body):
         # curl sends "Upgrade: h2c" on POSTs too; the body is a normal one.
         data = (
-            b"POST http://a/ HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-            b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n" + framing + b"\r\n\r\n" + body + b"GET http://a/next HTTP/1.1\r\n\r\n"
+            b"POST http://a/ HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n" + framing + b"\r\n\r\n" + body + b"GET http://a/next HTTP/1.1\r\nHost: h\r\n\r\n"
         )
         for cuts in ([], range(len(data))):
             events = parse_request(data, cuts)
@@ -353,29 +359,29 @@ class TestUpgrade:
 
     def test_upgrade_with_body_then_close(self):
         events = parse_request(
-            b"POST http://a/ HTTP/1.1\r\nUpgrade: x\r\nConnection: upgrade, close\r\nContent-Length: 2\r\n\r\nhi"
-            b"GET http://a/next HTTP/1.1\r\n\r\n"
+            b"POST http://a/ HTTP/1.1\r\nHost: h\r\nUpgrade: x\r\nConnection: upgrade, close\r\nContent-Length: 2\r\n\r\nhi"
+            b"GET http://a/next HTTP/1.1\r\nHost: h\r\n\r\n"
         )
         assert [type(e) for e in events] == [RequestHead, BodyChunk, MessageEnd]
 
 
 class TestHeadLimit:
     def test_large_header_in_one_feed(self):
-        events = parse_request(b"GET http://a/ HTTP/1.1\r\nX: " + b"v" * 2000 + b"\r\n\r\n", max_head_bytes=1024)
+        events = parse_request(b"GET http://a/ HTTP/1.1\r\nHost: h\r\nX: " + b"v" * 2000 + b"\r\n\r\n", max_head_bytes=1024)
         assert events == [bad(events)] and events[0].status == 431
 
     def test_large_url(self):
-        events = parse_request(b"GET http://a/" + b"p" * 2000 + b" HTTP/1.1\r\n\r\n", max_head_bytes=1024)
+        events = parse_request(b"GET http://a/" + b"p" * 2000 + b" HTTP/1.1\r\nHost: h\r\n\r\n", max_head_bytes=1024)
         assert bad(events).status == 431
 
     def test_many_headers(self):
         headers = b"".join(b"H%d: v\r\n" % i for i in range(500))
-        assert bad(parse_request(b"GET http://a/ HTTP/1.1\r\n" + headers + b"\r\n", max_head_bytes=1024)).status == 431
+        assert bad(parse_request(b"GET http://a/ HTTP/1.1\r\nHost: h\r\n" + headers + b"\r\n", max_head_bytes=1024)).status == 431
 
     def test_header_that_never_ends(self):
         # httptools holds an unfinished header value itself; the reader must still cap it.
         reader = RequestReader(max_head_bytes=4096)
-        assert reader.feed(b"GET http://a/ HTTP/1.1\r\nX: ") == []
+        assert reader.feed(b"GET http://a/ HTTP/1.1\r\nHost: h\r\nX: ") == []
         events = []
         for _ in range(10):
             events += reader.feed(b"v" * 1000)
@@ -383,7 +389,7 @@ class TestHeadLimit:
         assert len(events) == 1
 
     def test_limit_is_per_message(self):
-        one = b"GET http://a/ HTTP/1.1\r\nX: " + b"v" * 600 + b"\r\n\r\n"
+        one = b"GET http://a/ HTTP/1.1\r\nHost: h\r\nX: " + b"v" * 600 + b"\r\n\r\n"
         events = parse_request(one * 5, max_head_bytes=1024)
         assert [type(e) for e in events] == [RequestHead, MessageEnd] * 5
 
@@ -391,8 +397,8 @@ class TestHeadLimit:
         body = b"b" * 10000
         chunk = b"%x\r\n%s\r\n" % (len(body), body)
         data = (
-            b"POST http://a/ HTTP/1.1\r\nContent-Length: 10000\r\n\r\n" + body
-            + b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 4 + b"0\r\n\r\n"
+            b"POST http://a/ HTTP/1.1\r\nHost: h\r\nContent-Length: 10000\r\n\r\n" + body
+            + b"POST http://a/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 4 + b"0\r\n\r\n"
         )
         # Cut right after every chunk-size line and inside the chunks.
         splits = [i + 6 for i in range(len(data)) if data.startswith(b"2710\r\n", i)]
@@ -403,7 +409,7 @@ class TestHeadLimit:
 
     def test_trailers_that_never_end(self):
         reader = RequestReader(max_head_bytes=2048)
-        events = reader.feed(b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nX-T: ")
+        events = reader.feed(b"POST http://a/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nX-T: ")
         for _ in range(10):
             events += reader.feed(b"t" * 1000)
         assert [type(e) for e in events] == [RequestHead, BodyChunk, BadMessage]
@@ -412,14 +418,14 @@ class TestHeadLimit:
 
 class TestRequestSerialize:
     def test_get(self):
-        head = head_of(b"GET http://a:8080/x?y HTTP/1.1\r\nAccept: */*\r\nConnection: close\r\n\r\n")
+        head = head_of(b"GET http://a:8080/x?y HTTP/1.1\r\nHost: h\r\nAccept: */*\r\nConnection: close\r\n\r\n")
         assert head.serialize() == b"GET /x?y HTTP/1.1\r\nHost: a:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
         assert head.serialize(keep_alive=True) == b"GET /x?y HTTP/1.1\r\nHost: a:8080\r\nAccept: */*\r\n\r\n"
 
     def test_framing(self):
-        head = head_of(b"POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")
+        head = head_of(b"POST http://a/ HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc")
         assert head.serialize() == b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n"
-        head = head_of(b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        head = head_of(b"POST http://a/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
         assert head.serialize() == b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
 
     def test_http10_keeps_its_version(self):
@@ -428,7 +434,7 @@ class TestRequestSerialize:
         assert head.serialize(keep_alive=False) == b"GET / HTTP/1.0\r\nHost: a\r\nConnection: close\r\n\r\n"
 
     def test_serialized_head_parses_back(self):
-        head = head_of(b"PUT http://[::1]:9/p HTTP/1.1\r\nX: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        head = head_of(b"PUT http://[::1]:9/p HTTP/1.1\r\nHost: h\r\nX: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
         reparsed = head_of(head.serialize().replace(b"PUT /p", b"PUT http://[::1]:9/p"))
         assert reparsed == head
 
@@ -640,7 +646,7 @@ class TestHelpers:
 
     def test_rechunked_body_parses_back(self):
         body = [b"a", b"bc" * 100, b"", b"\r\n0\r\n\r\n"]
-        wire = b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        wire = b"POST http://a/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
         wire += b"".join(encode_body(c, True) for c in body) + end_of_body(True)
         assert parse_request(wire)[1:] == [BodyChunk(b"".join(body)), MessageEnd()]
 
@@ -685,7 +691,7 @@ SAMPLE_REQUEST = (
     b"POST http://a.example:81/p?q HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nT: 1\r\n\r\n"
     b"GET http://b/ HTTP/1.0\r\nProxy-Connection: keep-alive\r\nContent-Length: 2\r\n\r\nhi"
-    b"CONNECT c:443 HTTP/1.1\r\n\r\n"
+    b"CONNECT c:443 HTTP/1.1\r\nHost: h\r\n\r\n"
 )
 SAMPLE_RESPONSE = (
     b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX: y\r\n\r\n"
@@ -783,7 +789,7 @@ def requests(draw, keep_alive=True):
     authority = (f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
     target = (path or "/") + (f"?{query}" if query is not None else "")
     wire = f"{method} http://{authority}{path}{'?' + query if query is not None else ''} HTTP/{version}\r\n".encode()
-    wire += b"".join(f"{n}: {v}\r\n".encode() for n, v in headers)
+    wire += f"Host: {authority}\r\n".encode() + b"".join(f"{n}: {v}\r\n".encode() for n, v in headers)
     if version == "1.0" and keep_alive:
         wire += b"Connection: keep-alive\r\n"
     elif version == "1.1" and not keep_alive:

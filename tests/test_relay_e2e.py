@@ -138,8 +138,9 @@ def test_a_relay_that_cannot_start_stops_zep_at_start_up() -> None:
 
 
 def test_a_pair_the_relay_refuses_is_logged_as_zeps_internal_error(storm_echo):
-    """The server's connection code with the real engine stopped: the tunnel's access entry says
-    internal-error and why, not client-error."""
+    """The server's connection code with the real engine stopped: the client is never told its
+    tunnel is up (general failure, not 0x00), and the access entry says internal-error and why,
+    not client-error."""
     if os.environ.get("ZEP_NO_EXTENSIONS"):
         pytest.skip("ZEP_NO_EXTENSIONS is set: the compiled relay is deliberately off")
     import asyncio
@@ -152,22 +153,19 @@ def test_a_pair_the_relay_refuses_is_logged_as_zeps_internal_error(storm_echo):
     from zep.outcome import Outcome
     from zep.routing import Router
     from zep.server import Context, ProxyServer
-    from zep.socks_session import serve_socks5
+    from zep.socks_exchange import Socks5Exchange
 
     entries: list[accesslog.AccessEntry] = []
 
     async def main() -> None:
         settings = Settings(direct=True, username="", password="")
-        server = ProxyServer(Context(settings, Router([], DirectDialer(), 5.0), _relay.relay, None))
-        port = server.listen("socks5", 0, serve_socks5).address[1]
-        def client() -> bytes | type:
-            with socks_session(port, storm_echo.host, storm_echo.port) as (sock, _reply):
-                try:
-                    return sock.recv(1)
-                except ConnectionResetError as exc:
-                    return type(exc)
+        server = ProxyServer(Context(settings, Router([], DirectDialer(), 5.0), _relay.relay, None, _relay.ready))
+        port = server.listen("socks5", 0, lambda ctx: Socks5Exchange(None)).address[1]
+        def client() -> tuple[int, bytes]:
+            with socks_session(port, storm_echo.host, storm_echo.port) as (sock, reply):
+                return reply, sock.recv(1)
 
-        assert await asyncio.get_running_loop().run_in_executor(None, client) is ConnectionResetError
+        assert await asyncio.get_running_loop().run_in_executor(None, client) == (0x01, b"")
         await server.shutdown()  # the entry was emitted as the pair was refused
 
     accesslog.subscribe(entries.append)

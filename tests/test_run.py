@@ -246,7 +246,7 @@ def test_summary_counts_routes_and_lists_what_failed(team_identities: dict[str, 
     assert any(line.split()[:2] == ["ziti:intercept", "2"] for line in summary.splitlines())
     assert any(line.split()[:2] == ["deny", "2"] for line in summary.splitlines())
     assert "zep: 2 destinations denied or failed:" in summary
-    assert "  not-a-service.test:80 denied" in summary
+    assert "  http://not-a-service.test:80 denied" in summary  # a forwarded request, named as its access line does
     assert "  other.test:8443 denied" in summary
     assert len(summary.splitlines()) <= 24
 

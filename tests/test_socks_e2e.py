@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 
@@ -242,15 +243,19 @@ def test_connections_over_maxconn_are_refused_promptly(relay_impl, echo):
             assert reply == 0
 
 
-def test_sigterm_ends_open_tunnels_and_logs_them(relay_impl, echo):
+def test_second_sigterm_ends_open_tunnels_at_once_and_logs_them(relay_impl, echo):
     with start_zep("--direct", relay=relay_impl) as zp:
         with socks_session(zp.socks_port, echo.host, echo.port) as (sock, reply):
             assert reply == 0
             sock.sendall(b"12345")
             assert recv_exactly(sock, 5) == b"12345"
-            assert zp.stop() == 0
+            zp.proc.send_signal(signal.SIGTERM)  # the first one drains: the tunnel may go on
+            zp.wait_for_log("draining: no new connections; 1 open ones")
+            sock.sendall(b"678")
+            assert recv_exactly(sock, 3) == b"678"
+            assert zp.stop() == 0  # the second one stops at once
             sock.settimeout(10)
             with pytest.raises(ConnectionResetError):
                 sock.recv(1)
         line = zp.wait_for_log("outcome=cancelled")
-        assert "up=5 down=5" in line
+        assert "up=8 down=8" in line

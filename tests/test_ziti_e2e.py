@@ -98,7 +98,7 @@ def test_intercept_by_name_with_curl_socks5h(zep_deny: ZepProcess) -> None:
 def test_intercept_by_wildcard_with_curl_http_proxy(zep_deny: ZepProcess) -> None:
     result = curl("-x", http_proxy(zep_deny), "http://api.v2.apps.test:8080/whoami")
     assert whoami(result) == "a"
-    assert "route=ziti:intercept" in access_line(zep_deny, "api.v2.apps.test:8080")
+    assert "route=ziti:intercept" in access_line(zep_deny, "http://api.v2.apps.test:8080")
 
 
 def test_intercept_by_ip_through_connect_tunnel(zep_deny: ZepProcess) -> None:
@@ -121,7 +121,7 @@ def test_service_by_name_with_httpx(zep_deny: ZepProcess) -> None:
     with httpx.Client(proxy=http_proxy(zep_deny), timeout=10) as client:
         response = client.get("http://web-b.ziti/whoami")
     assert response.status_code == 200 and response.json()["server"] == "b"
-    assert "route=ziti:web-b" in access_line(zep_deny, "web-b.ziti:80")
+    assert "route=ziti:web-b" in access_line(zep_deny, "http://web-b.ziti:80")
 
 
 def test_service_by_name_with_socks5h(zep_deny: ZepProcess) -> None:

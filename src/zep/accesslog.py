@@ -5,7 +5,8 @@ observer (metrics, the `zep run` summary) and then writes it as one logfmt line,
 with `configure(json_lines=True)`. Entries never carry credentials, identity contents or query
 strings; `user` is only ever a configured user name (else `?`).
 
-`AccessRecord` is the mutable builder the connection code fills in as things happen.
+`AccessRecord` is the mutable builder the driver fills in as things happen (zep.driver); the
+outcome it prints is decided where the exchange ended, never inferred here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 
 from zep.dial import Failure
 from zep.outcome import Outcome
-from zep.relay_result import RelayEnd, RelayResult
 
 access_logger = logging.getLogger("zep.access")
 
@@ -107,23 +107,6 @@ def _quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
-# How a relay's end reads in the access log. A Ziti route whose upstream fails before it sent a
-# single byte is the overlay dial failing after the SDK's bridge accepted us (see ziti.py).
-_RELAY_OUTCOMES = {
-    RelayEnd.DONE: Outcome.OK,
-    RelayEnd.IDLE_TIMEOUT: Outcome.TUNNEL_TIMEOUT,
-    RelayEnd.CLIENT_ERROR: Outcome.CLIENT_ERROR,
-    RelayEnd.UPSTREAM_ERROR: Outcome.UPSTREAM_ERROR,
-    RelayEnd.CANCELLED: Outcome.CANCELLED,
-}
-
-
-def relay_outcome(route: str, result: RelayResult) -> Outcome:
-    if route.startswith("ziti:") and result.ended is RelayEnd.UPSTREAM_ERROR and result.bytes_down == 0:
-        return Outcome.ZITI_DIAL_FAILED
-    return _RELAY_OUTCOMES[result.ended]
-
-
 def dial_outcome(failure: Failure) -> Outcome:
     if failure is Failure.NOT_ALLOWED:
         return Outcome.DENIED
@@ -143,26 +126,13 @@ class AccessRecord:
     user: str = "-"
     up: int = 0
     down: int = 0
-    outcome: Outcome = Outcome.CLIENT_ERROR
+    outcome: Outcome = Outcome.INTERNAL_ERROR  # until whoever ends the exchange decides it
     detail: str = ""
     method: str = ""
     path: str = ""
     status: int = 0
     tenant: str = ""
     started: float = field(default_factory=time.monotonic)
-
-    def add_relay(self, route: str, result: RelayResult) -> None:
-        self.up += result.bytes_up
-        self.down += result.bytes_down
-        self.outcome = relay_outcome(route, result)
-        if result.error:
-            self.detail = result.error
-
-    def add_dial_failure(self, failure: Failure, detail: str) -> None:
-        self.outcome = dial_outcome(failure)
-        self.detail = detail
-        if failure is Failure.NOT_ALLOWED:
-            self.route = "deny"
 
     def entry(self) -> AccessEntry:
         return AccessEntry(

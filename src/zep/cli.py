@@ -5,6 +5,8 @@ identity file, `zep version` says what would run."""
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
 import time
@@ -12,7 +14,17 @@ from collections.abc import Sequence
 
 import zep
 from zep import readyfile
-from zep.config import CHOICES, ENVIRONMENT, FLAGS, ConfigError, Settings, host_list, load_settings
+from zep.config import (
+    CHOICES,
+    ENVIRONMENT,
+    ENVIRONMENT_ALIASES,
+    FLAG_ALIASES,
+    FLAGS,
+    ConfigError,
+    Settings,
+    host_list,
+    load_settings,
+)
 from zep.jobenv import FORMATS
 from zep.readyfile import Ready
 
@@ -53,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Each setting in seconds, with what it bounds (the flag's help).
+_SECONDS = {
+    "http_request_timeout": "for a whole SOCKS5 handshake or HTTP request head",
+    "http_keep_alive_timeout": "a kept-alive HTTP connection may wait for its next request",
+    "client_timeout": "of client inactivity while zep waits for it (a request body, reading a response)",
+    "server_timeout": "of upstream inactivity while zep waits for it (a response, reading a request body)",
+    "connect_timeout": "to connect to a destination",
+    "tunnel_timeout": "a tunnel may stay idle",
+    "drain_timeout": "open connections may take to finish after SIGTERM",
+    "ziti_load_timeout": "to load every Ziti identity",
+}
+
+
 def add_serve_arguments(command: argparse.ArgumentParser) -> None:
     """The proxy's settings as flags (`zep serve`, `zep run`)."""
     flag = FLAGS
@@ -91,8 +116,10 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
     add(flag["dumpable"], dest="dumpable", action="store_true", default=None,
         help="stay dumpable, so debuggers and profilers of this user can attach and read zep's memory, "
              "the identity's key included (ZEP_DUMPABLE)")
-    for name in ("handshake_timeout", "connect_timeout", "idle_timeout", "ziti_load_timeout"):
-        add(flag[name], dest=name, type=float, metavar="SECONDS", help=f"({ENVIRONMENT[name]})")
+    for name, meaning in _SECONDS.items():
+        variables = " or ".join(v for v in (ENVIRONMENT[name], ENVIRONMENT_ALIASES.get(name)) if v)
+        add(flag[name], *FLAG_ALIASES.get(name, ()), dest=name, type=float, metavar="SECONDS",
+            help=f"{meaning} ({variables})")
     add(flag["max_connections"], dest="max_connections", type=int, metavar="N",
         help="most concurrent client connections (ZEP_MAXCONN)")
     add(flag["max_head_bytes"], dest="max_head_bytes", type=int, metavar="BYTES",
@@ -100,6 +127,8 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
     add(flag["ziti_service_suffix"], dest="ziti_service_suffix", metavar="SUFFIX",
         help="host suffix that names a Ziti service directly (ZEP_ZITI_SERVICE_SUFFIX)")
     add(flag["log_level"], dest="log_level", type=str.lower, choices=CHOICES["log_level"], help="(ZEP_LOG_LEVEL)")
+    add(flag["log_format"], dest="log_format", type=str.lower, choices=CHOICES["log_format"],
+        help="log lines as logfmt or JSON (ZEP_LOG_FORMAT)")
     add(flag["ready_file"], dest="ready_file", metavar="PATH",
         help="write the listening addresses (and credentials) here as JSON once ready (ZEP_READY_FILE)")
     add(flag["no_proxy"], dest="no_proxy", action="append", metavar="HOSTS",
@@ -178,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"zep: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if args.command == "run":
         from zep import jobrun
 
@@ -239,11 +268,26 @@ def _wait_for_ready_file(path: str, wait: float, pid: int | None) -> Ready:
         time.sleep(ENV_WAIT_STEP)
 
 
-def configure_logging(level: str) -> None:
-    import logging
+def configure_logging(level: str, log_format: str = "logfmt") -> None:
+    from zep import accesslog
 
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        # One JSON object per line for log shippers: access entries with their own fields, the
+        # rest with time, level, logger and message.
+        handler.setFormatter(JSONFormatter())
+        accesslog.configure(json_lines=True)
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "zep.access":
+            return record.getMessage()
+        fields = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                  "message": record.getMessage()}
+        if record.exc_info:
+            fields["error"] = self.formatException(record.exc_info)
+        return json.dumps(fields)

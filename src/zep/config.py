@@ -21,6 +21,7 @@ DEFAULT_USERNAME = "user"
 DEFAULT_PASSWORD = "password"
 FALLBACK_POLICIES = ("direct", "deny", "proxy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("logfmt", "json")
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,20 @@ class Settings:
     direct: bool = False
     allow_remote: bool = False
     dumpable: bool = False
-    handshake_timeout: float = 10.0
+    # The named timeouts (HAProxy's names; see zep.exchange and the README).
+    http_request_timeout: float = 10.0
+    http_keep_alive_timeout: float = 10.0
+    client_timeout: float = 60.0
+    server_timeout: float = 60.0
     connect_timeout: float = 10.0
-    idle_timeout: float = 600.0
+    tunnel_timeout: float = 600.0
+    drain_timeout: float = 25.0
     max_connections: int = 1024
     max_head_bytes: int = 65536
     ziti_load_timeout: float = 30.0
     ziti_service_suffix: str = ".ziti"
     log_level: str = "info"
+    log_format: str = "logfmt"
     ready_file: str | None = None
     enroll_token: str | None = field(default=None, repr=False)
     enroll_token_file: str | None = None
@@ -100,14 +107,19 @@ ENVIRONMENT = {
     "direct": "ZEP_DIRECT",
     "allow_remote": "ZEP_ALLOW_REMOTE",
     "dumpable": "ZEP_DUMPABLE",
-    "handshake_timeout": "ZEP_TIMEOUT_HANDSHAKE",
+    "http_request_timeout": "ZEP_TIMEOUT_HTTP_REQUEST",
+    "http_keep_alive_timeout": "ZEP_TIMEOUT_HTTP_KEEP_ALIVE",
+    "client_timeout": "ZEP_TIMEOUT_CLIENT",
+    "server_timeout": "ZEP_TIMEOUT_SERVER",
     "connect_timeout": "ZEP_TIMEOUT_CONNECT",
-    "idle_timeout": "ZEP_TIMEOUT_TUNNEL",
+    "tunnel_timeout": "ZEP_TIMEOUT_TUNNEL",
+    "drain_timeout": "ZEP_DRAIN_TIMEOUT",
     "max_connections": "ZEP_MAXCONN",
     "max_head_bytes": "ZEP_MAX_HEAD_BYTES",
     "ziti_load_timeout": "ZEP_ZITI_LOAD_TIMEOUT",
     "ziti_service_suffix": "ZEP_ZITI_SERVICE_SUFFIX",
     "log_level": "ZEP_LOG_LEVEL",
+    "log_format": "ZEP_LOG_FORMAT",
     "ready_file": "ZEP_READY_FILE",
     "enroll_token": "ZITI_ENROLL_TOKEN",
     "enroll_token_file": "ZEP_ENROLL_TOKEN_FILE",
@@ -123,7 +135,12 @@ FLAGS.update(
     password="--password",
     ziti_identities="--identity",
     egress_rules="--egress",
-    idle_timeout="--tunnel-timeout",
+    http_request_timeout="--timeout-http-request",
+    http_keep_alive_timeout="--timeout-http-keep-alive",
+    client_timeout="--timeout-client",
+    server_timeout="--timeout-server",
+    connect_timeout="--timeout-connect",
+    tunnel_timeout="--timeout-tunnel",
     max_connections="--maxconn",
     socks_enabled="--socks",
     http_enabled="--http",
@@ -131,7 +148,18 @@ FLAGS.update(
 del FLAGS["enroll_token"]  # never a flag: everyone can read a process's command line
 
 # Settings that take one of a few words: matched without regard to case (DEBUG, Deny).
-CHOICES = {"fallback": FALLBACK_POLICIES, "egress_default": EGRESS_DEFAULTS, "log_level": LOG_LEVELS}
+CHOICES = {"fallback": FALLBACK_POLICIES, "egress_default": EGRESS_DEFAULTS, "log_level": LOG_LEVELS,
+           "log_format": LOG_FORMATS}
+
+# Older names that keep working; the name above wins when both are given.
+ENVIRONMENT_ALIASES = {"http_request_timeout": "ZEP_TIMEOUT_HANDSHAKE"}
+FLAG_ALIASES = {
+    "http_request_timeout": ("--handshake-timeout",),
+    "connect_timeout": ("--connect-timeout",),
+    "tunnel_timeout": ("--tunnel-timeout",),
+}
+TIMEOUTS = ("http_request_timeout", "http_keep_alive_timeout", "client_timeout", "server_timeout",
+            "connect_timeout", "tunnel_timeout")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -151,8 +179,8 @@ def load_settings(environ: Mapping[str, str], flags: Mapping[str, Any], defaults
         if flag_value is not None:
             values[f.name] = _from_flag(f.name, flag_value)
             given.add(f.name)
-        elif f.name in ENVIRONMENT and ENVIRONMENT[f.name] in environ:
-            values[f.name] = _from_text(f.name, environ[ENVIRONMENT[f.name]], ENVIRONMENT[f.name])
+        elif (variable := _variable(f.name, environ)) is not None:
+            values[f.name] = _from_text(f.name, environ[variable], variable)
             given.add(f.name)
         else:
             values[f.name] = getattr(defaults, f.name)
@@ -164,6 +192,14 @@ def load_settings(environ: Mapping[str, str], flags: Mapping[str, Any], defaults
     settings = Settings(**values)
     _validate(settings, environ, flags)
     return settings
+
+
+def _variable(name: str, environ: Mapping[str, str]) -> str | None:
+    """The environment variable that sets `name`, if any is set."""
+    for variable in (ENVIRONMENT.get(name), ENVIRONMENT_ALIASES.get(name)):
+        if variable is not None and variable in environ:
+            return variable
+    return None
 
 
 def _from_flag(name: str, value: Any) -> Any:
@@ -228,9 +264,7 @@ def _source_given(name: str, environ: Mapping[str, str], flags: Mapping[str, Any
     """The flag or variable that set `name`; None when it has its default."""
     if flags.get(name) is not None:
         return FLAGS[name]
-    if name in ENVIRONMENT and ENVIRONMENT[name] in environ:
-        return ENVIRONMENT[name]
-    return None
+    return _variable(name, environ)
 
 
 def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any]) -> None:
@@ -264,9 +298,11 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
     if s.fallback == "proxy" and not s.upstream_proxy:
         raise ConfigError(f"{where('fallback')}=proxy needs an upstream proxy: set ZEP_UPSTREAM_PROXY or --upstream-proxy")
     _check_parses(where("egress_rules"), s.egress_policy)
-    for name in ("handshake_timeout", "connect_timeout", "idle_timeout", "ziti_load_timeout"):
+    for name in (*TIMEOUTS, "ziti_load_timeout"):
         if not getattr(s, name) > 0:
             raise ConfigError(f"{where(name)} must be more than 0 seconds")
+    if not s.drain_timeout >= 0:
+        raise ConfigError(f"{where('drain_timeout')} must be 0 seconds or more")
     if s.max_connections < 1:
         raise ConfigError(f"{where('max_connections')} must be at least 1")
     if s.max_head_bytes < 1024:

@@ -60,6 +60,8 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _REG_NAME = re.compile(rb"[A-Za-z0-9._~-]+")
+# RFC 9110 7.2 / RFC 3986 3.2.2: uri-host [":" port], the host a reg-name or a bracketed IP literal.
+_HOST_HEADER = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,13 @@ class RequestReader(_Reader):
         self._upgrade_body: bytes | None = None  # framing of an upgrade request's body
         self._leftover = b""
         self._first_byte_seen = False
+        self._chunk = b""  # the bytes being fed
+        self._window = b""  # earlier feeds of a head that is not complete yet
+
+    @property
+    def between_messages(self) -> bool:
+        """No part of a next request has been fed yet."""
+        return self._state is _State.IDLE
 
     def feed(self, data: bytes) -> list[RequestEvent]:
         if data and not self._first_byte_seen:
@@ -316,7 +325,11 @@ class RequestReader(_Reader):
                 self._fail(400, wrong)
                 events, self._events = self._events, []
                 return events
-        return self._feed(data)
+        self._chunk = data
+        events = self._feed(data)
+        # A head still incomplete may have begun anywhere in this feed: keep it for the start-line check.
+        self._window = self._window + data if self._state is _State.HEAD else b""
+        return events
 
     def take_leftover(self) -> bytes:
         """After a CONNECT head: the bytes that followed it (the tunnel's first bytes)."""
@@ -328,7 +341,14 @@ class RequestReader(_Reader):
             self._upgrade_body = None  # the primer head from _on_upgrade: not a request
             return
         method = self._parser.get_method().decode("ascii")
-        head = _request_head(method, self._parser.get_http_version(), b"".join(self._start_line), self._headers)
+        version = self._parser.get_http_version()
+        target = b"".join(self._start_line)
+        # llhttp lets runs of spaces through in the request line; RFC 9112 3 says single spaces.
+        line = b"%s %s HTTP/%s\r" % (method.encode("ascii"), target, version.encode("ascii"))
+        if line not in self._window + self._chunk and line[:-1] + b"\n" not in self._window + self._chunk:
+            self._fail(400, "malformed request line (more than one space between its parts)")
+            raise _Stop
+        head = _request_head(method, version, target, self._headers)
         if isinstance(head, BadMessage):
             self._fail(head.status, head.reason)
             raise _Stop
@@ -478,6 +498,9 @@ def _request_head(
             return BadMessage(400, f"request target \"{request_target(target)}\" is not an absolute URL (a proxy needs one)")
         if url.schema.lower() != b"http":
             return BadMessage(501, f"scheme \"{printable(url.schema)}\" is not supported (use CONNECT)")
+        if b"@" in target.partition(b"://")[2].partition(b"/")[0].partition(b"?")[0]:
+            # RFC 9110 4.2.4: an http URL carries no user information (often a password); never logged.
+            return BadMessage(400, "request target carries user information")
         if not url.host or url.port == 0:
             return BadMessage(400, f"request target \"{request_target(target)}\" names no host and port")
         host, port = url.host.decode("latin-1"), url.port or 80
@@ -494,8 +517,14 @@ def _request_head(
         return BadMessage(400, "chunked body in an HTTP/1.0 request")
     if method == "CONNECT" and (chunked or content_length):
         return BadMessage(400, "CONNECT request with a body")
-    if len(_values(raw_headers, b"host")) > 1:
+    hosts = _values(raw_headers, b"host")
+    # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without exactly one valid Host.
+    if len(hosts) > 1:
         return BadMessage(400, "more than one Host header")
+    if not hosts and version == "1.1":
+        return BadMessage(400, "HTTP/1.1 request without a Host header")
+    if hosts and not _HOST_HEADER.fullmatch(hosts[0]):
+        return BadMessage(400, "invalid Host header")
     # RFC 9112 3.2.2: the target's authority wins over any Host header the client sent.
     headers = ((b"Host", authority),) + _end_to_end(raw_headers, drop=b"host")
     proxy_authorization = next(iter(_values(raw_headers, b"proxy-authorization")), None)

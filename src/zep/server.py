@@ -1,7 +1,7 @@
-"""Listeners and per-connection lifecycle: accept, limit, time out, hand over, shut down.
+"""Listeners and per-connection lifecycle: accept, limit, drive, drain, shut down.
 
-This is the only place that owns client sockets before the relay takes them. The protocol
-sessions (socks_session, http_session) run one per accepted connection under a `Session`.
+This is the only place that owns client sockets before a driver takes them: each accepted
+connection gets an exchange for its protocol and one `Driver` running in one task.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from zep.accesslog import AccessRecord
 from zep.auth import Credentials
+from zep import relay as relay_choice
 from zep.config import ENVIRONMENT, FLAGS, Settings
-from zep.dial import Upstream
+from zep.driver import Driver
+from zep.exchange import CLIENT, HTTP_KEEP_ALIVE, HTTP_REQUEST, SERVER, TUNNEL, Exchange, authority
 from zep.outcome import Outcome
-from zep.relay_result import RelayCancelled, RelayResult, RelayUnavailable
+from zep.relay_result import RelayResult
 from zep.routing import Router
 
 log = logging.getLogger("zep.server")
@@ -28,85 +31,30 @@ RelayFunction = Callable[..., Awaitable[RelayResult]]
 
 @dataclass(frozen=True)
 class Context:
-    """What every session needs, shared by all connections."""
+    """What every connection needs, shared by all of them."""
 
     settings: Settings
     router: Router
     relay: RelayFunction
     credentials: Credentials | None
+    relay_ready: Callable[[], bool] = relay_choice.ready  # checked before a client is told its tunnel is up
+
+    @cached_property
+    def timeouts(self) -> dict[str, float]:
+        """Seconds for each named timeout the driver applies (see zep.exchange; `connect` is the router's)."""
+        s = self.settings
+        return {HTTP_REQUEST: s.http_request_timeout, HTTP_KEEP_ALIVE: s.http_keep_alive_timeout,
+                CLIENT: s.client_timeout, SERVER: s.server_timeout, TUNNEL: s.tunnel_timeout}
 
 
-class Session:
-    """One client connection: its socket (until handed to the relay) and its access record."""
-
-    def __init__(self, ctx: Context, sock: socket.socket, record: AccessRecord) -> None:
-        self.ctx = ctx
-        self.sock = sock
-        self.record = record
-        self.loop = asyncio.get_running_loop()
-        self._handed_over = False
-
-    async def recv(self) -> bytes:
-        return await recv_some(self.loop, self.sock)
-
-    async def send(self, data: bytes) -> None:
-        await send_all(self.loop, self.sock, data)
-
-    async def open_tunnel(self, reply: bytes, upstream: Upstream, early: bytes) -> None:
-        """Tell the client the tunnel is up, then relay until it ends (the relay owns both sockets)."""
-        self.record.route = upstream.route
-        try:
-            await self.send(reply)
-        except BaseException:
-            upstream.sock.close()
-            raise
-        await self.relay(upstream.sock, upstream.route, to_upstream=early, to_client=upstream.early_down)
-
-    async def relay(self, upstream: socket.socket, route: str, *, to_upstream: bytes = b"", to_client: bytes = b"") -> None:
-        """Hand both sockets to the relay (which owns them from here) and record how it ended."""
-        self._handed_over = True
-        try:
-            result = await self.ctx.relay(
-                self.sock, upstream, to_upstream=to_upstream, to_client=to_client,
-                idle_timeout=self.ctx.settings.idle_timeout,
-            )
-        except RelayCancelled as cancelled:
-            self.record.add_relay(route, cancelled.result)
-            raise
-        self.record.add_relay(route, result)
-
-    def close(self) -> None:
-        if not self._handed_over:
-            self.sock.close()
-
-
-async def recv_some(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
-    """Up to 64 KiB; b"" at EOF. Tries the socket first: a client's next message is usually
-    there already, and asking the loop to watch the socket costs two epoll_ctl calls."""
-    try:
-        return sock.recv(65536)
-    except (BlockingIOError, InterruptedError):
-        return await loop.sock_recv(sock, 65536)
-
-
-async def send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes) -> None:
-    """Send every byte, writing straight away when the socket has room (the usual case)."""
-    try:
-        sent = sock.send(data) if data else 0
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    if sent < len(data):
-        await loop.sock_sendall(sock, data[sent:])
-
-
-SessionHandler = Callable[[Session], Awaitable[None]]
+ExchangeFactory = Callable[[Context], Exchange]
 
 
 @dataclass
 class Listener:
     proto: str  # "socks5" or "http"
     sock: socket.socket
-    handler: SessionHandler
+    exchange: ExchangeFactory
     refusal: bytes  # what a connection over the limit is told before it is closed
 
     @property
@@ -119,16 +67,21 @@ class ProxyServer:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.listeners: list[Listener] = []
-        self._connections: set[asyncio.Task[None]] = set()
-        self._stopped = asyncio.Event()
+        self._connections: dict[asyncio.Task[None], Driver] = {}
+        self._stopped = False
+        self._draining = False
 
     @property
     def open_connections(self) -> int:
         return len(self._connections)
 
-    def listen(self, proto: str, port: int, handler: SessionHandler, refusal: bytes = b"") -> Listener:
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def listen(self, proto: str, port: int, exchange: ExchangeFactory, refusal: bytes = b"") -> Listener:
         sock = _bind(self.ctx.settings.proxy_host, port, _PORT_SETTINGS[proto])
-        listener = Listener(proto, sock, handler, refusal)
+        listener = Listener(proto, sock, exchange, refusal)
         self.listeners.append(listener)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_all, listener)
         log.info("listening: %s on %s", proto, format_address(listener.address))
@@ -152,12 +105,17 @@ class ProxyServer:
                 continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._run_session(listener, conn, peer))
-            self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+            record = AccessRecord(format_address(peer), listener.proto)
+            driver = Driver(self.ctx, conn, record, listener.exchange(self.ctx))
+            task = loop.create_task(driver.run())
+            self._connections[task] = driver
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        del self._connections[task]
 
     def _resume_accepting(self, listener: Listener) -> None:
-        if not self._stopped.is_set():
+        if not self._stopped:
             asyncio.get_running_loop().add_reader(listener.sock.fileno(), self._accept_all, listener)
 
     def _refuse(self, listener: Listener, conn: socket.socket, peer: tuple) -> None:
@@ -173,42 +131,39 @@ class ProxyServer:
         record.detail = f"maxconn {limit} reached"
         record.emit()
 
-    async def _run_session(self, listener: Listener, conn: socket.socket, peer: tuple) -> None:
-        record = AccessRecord(format_address(peer), listener.proto)
-        session = Session(self.ctx, conn, record)
-        try:
-            await listener.handler(session)
-        except asyncio.CancelledError:
-            record.outcome = Outcome.CANCELLED
-            raise
-        except RelayUnavailable as exc:  # zep's failure, not the client's
-            record.outcome = Outcome.INTERNAL_ERROR
-            record.detail = str(exc)
-        except OSError as exc:  # the client reset or broke the connection
-            record.outcome = Outcome.CLIENT_ERROR
-            record.detail = record.detail or str(exc) or type(exc).__name__
-        except Exception:
-            log.exception("session from %s failed", record.client)
-            record.outcome = Outcome.INTERNAL_ERROR
-        finally:
-            session.close()
-            record.emit()
-
     def stop_accepting(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         loop = asyncio.get_running_loop()
         for listener in self.listeners:
             loop.remove_reader(listener.sock.fileno())
             listener.sock.close()
-        self._stopped.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting at once; let tunnels and requests in flight finish within `timeout`
+        seconds (a kept-alive HTTP connection is closed between requests, the next response says
+        `Connection: close`), then cancel what is left, each logged `cancelled` with its counts."""
+        self.stop_accepting()
+        self._draining = True
+        for driver in self._connections.values():
+            driver.drain()
+        tasks = list(self._connections)
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
+            await _cancel(pending)
 
     async def shutdown(self) -> None:
         """Stop accepting at once, then cancel every connection and wait until each has logged."""
         self.stop_accepting()
-        tasks = list(self._connections)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel(set(self._connections))
+
+
+async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 _PORT_SETTINGS = {"socks5": "socks_port", "http": "http_port"}
@@ -236,7 +191,6 @@ def _bind(host: str, port: int, setting: str) -> socket.socket:
 
 
 def format_address(address: tuple) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return authority(address[0], address[1])
 
 

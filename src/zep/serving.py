@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import zep
 from zep import hardening, readyfile, relay
@@ -23,6 +24,9 @@ from zep.proxy_env import remove_self_proxies
 from zep.readyfile import Ready, ReadyFileError
 from zep.relay_result import RelayUnavailable
 from zep.routing import Router, fallback_dialer
+
+if TYPE_CHECKING:
+    from zep.server import ProxyServer
 
 log = logging.getLogger("zep")
 
@@ -87,18 +91,21 @@ def run_proxy(settings: Settings, job: Job | None = None) -> int:
 
 
 async def _serve(settings: Settings, router: Router, job: Job | None) -> int:
-    from zep.http_session import OVERLOADED, serve_http
+    from zep.http_exchange import OVERLOADED, HttpExchange
     from zep.server import Context, ProxyServer, format_address
-    from zep.socks_session import serve_socks5
+    from zep.socks_exchange import Socks5Exchange
 
     credentials = proxy_credentials(settings)
-    server = ProxyServer(Context(settings, router, relay.relay, credentials))
+    server = ProxyServer(Context(settings, router, relay.relay, credentials, relay.ready))
     try:
         socks = http = None
         if settings.socks_enabled:
-            socks = format_address(server.listen("socks5", settings.socks_port, serve_socks5).address)
+            listener = server.listen("socks5", settings.socks_port, lambda ctx: Socks5Exchange(ctx.credentials))
+            socks = format_address(listener.address)
         if settings.http_enabled:
-            http = format_address(server.listen("http", settings.http_port, serve_http, OVERLOADED).address)
+            listener = server.listen("http", settings.http_port,
+                                     lambda ctx: HttpExchange(ctx.credentials, ctx.settings.max_head_bytes), OVERLOADED)
+            http = format_address(listener.address)
     except BaseException:
         server.stop_accepting()
         raise
@@ -107,18 +114,31 @@ async def _serve(settings: Settings, router: Router, job: Job | None) -> int:
              _describe_routes(settings, router), _describe_authentication(settings, credentials))
     try:
         with readyfile.published(settings.ready_file, ready):
-            return await (job(ready) if job is not None else _until_stopped())
+            return await (job(ready) if job is not None else _until_stopped(server, settings.drain_timeout))
     finally:
-        log.info("stopping: no new connections; closing %d open ones", server.open_connections)
+        if server.open_connections:
+            log.info("stopping: no new connections; closing %d open ones", server.open_connections)
         await server.shutdown()
 
 
-async def _until_stopped() -> int:
-    stop = asyncio.Event()
+async def _until_stopped(server: ProxyServer, drain_timeout: float) -> int:
+    """Until SIGTERM or SIGINT, then drain (a second signal stops at once)."""
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(signum, signalled.set)
+    await signalled.wait()
+    signalled.clear()
+    log.info("draining: no new connections; %d open ones may finish within %g s (ZEP_DRAIN_TIMEOUT), "
+             "a second signal stops at once", server.open_connections, drain_timeout)
+    draining = asyncio.ensure_future(server.drain(drain_timeout))
+    second = asyncio.ensure_future(signalled.wait())
+    await asyncio.wait([draining, second], return_when=asyncio.FIRST_COMPLETED)
+    second.cancel()
+    if not draining.done():
+        log.info("stopping at once: closing %d open connections", server.open_connections)
+        await server.shutdown()
+    await draining
     return 0
 
 

@@ -64,10 +64,12 @@ class ConnectRequest:
 
 @dataclass(frozen=True)
 class Refuse:
-    """Write `data` (possibly empty), then close. `reason` is for the log."""
+    """Write `data` (possibly empty), then close. `reason` is for the log (it never carries a
+    user name: see `Socks5Handshake.offered_username`)."""
 
     data: bytes
     reason: str
+    auth_failed: bool = False  # refused for who the client is, not for what it asked
 
 
 Event = Send | ConnectRequest | Refuse
@@ -89,7 +91,8 @@ class Socks5Handshake:
         self._credentials = credentials
         self._buffer = bytearray()
         self._phase = _Phase.GREETING
-        self.username: str | None = None
+        self.username: str | None = None  # once authenticated
+        self.offered_username: str | None = None  # what a client that failed to authenticate gave
 
     def feed(self, data: bytes) -> list[Event]:
         """Consume client bytes; [] means more are needed. Ends with ConnectRequest or Refuse."""
@@ -127,6 +130,7 @@ class Socks5Handshake:
                 bytes([_VERSION, _NO_ACCEPTABLE_METHOD]),
                 f"no acceptable authentication method (client offered {offered.hex() or 'none'}, "
                 f"need {wanted:02x})",
+                auth_failed=True,
             )
         self._phase = _Phase.REQUEST if wanted == _NO_AUTH else _Phase.AUTH
         return Send(bytes([_VERSION, wanted]))
@@ -136,7 +140,7 @@ class Socks5Handshake:
         if not buf:
             return None
         if buf[0] != _AUTH_VERSION:
-            return self._refuse(b"\x01\x01", f"bad user/password auth version 0x{buf[0]:02x}")
+            return self._refuse(b"\x01\x01", f"bad user/password auth version 0x{buf[0]:02x}", auth_failed=True)
         if len(buf) < 2:
             return None
         ulen = buf[1]
@@ -152,7 +156,8 @@ class Socks5Handshake:
         name = username.decode("utf-8", "replace")
         assert self._credentials is not None  # AUTH is only entered with credentials
         if not self._credentials.matches(username, password):
-            return self._refuse(b"\x01\x01", f"authentication failed for user {name!r}")
+            self.offered_username = name
+            return self._refuse(b"\x01\x01", "authentication failed", auth_failed=True)
         self.username = name
         self._phase = _Phase.REQUEST
         return Send(b"\x01\x00")
@@ -200,10 +205,10 @@ class Socks5Handshake:
         self._phase = _Phase.DONE
         return ConnectRequest(host, port, early)
 
-    def _refuse(self, data: bytes, reason: str) -> Refuse:
+    def _refuse(self, data: bytes, reason: str, auth_failed: bool = False) -> Refuse:
         self._phase = _Phase.DONE
         self._buffer.clear()
-        return Refuse(data, reason)
+        return Refuse(data, reason, auth_failed)
 
 
 def wrong_protocol(first: int) -> str:

@@ -12,5 +12,11 @@ def printable(data: bytes, limit: int = MOST_SHOWN) -> str:
 
 
 def request_target(target: bytes) -> str:
-    """A request target for a log line: without its query string, which may hold secrets."""
-    return printable(target.partition(b"?")[0])
+    """A request target for a log line: without its query string or user information (user:pass@),
+    which may hold secrets."""
+    shown = target.partition(b"?")[0]
+    scheme, sep, rest = shown.partition(b"://")
+    authority, slash, path = rest.partition(b"/")
+    if sep and b"@" in authority:
+        shown = scheme + sep + authority.rpartition(b"@")[2] + slash + path
+    return printable(shown)

@@ -126,3 +126,12 @@ def blackhole_port() -> Iterator[int]:
 
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def access_needle(listener: str, authority: str, method: str = "GET") -> str:
+    """How an access line names what curl asked for through a listener: a SOCKS5 tunnel to
+    host:port, or (HTTP) a forwarded request to http://host:port, or a CONNECT tunnel."""
+    if listener == "socks5":
+        return f"proto=socks5 target={authority} "
+    target = authority if method == "CONNECT" else f"http://{authority}"
+    return f"proto=http method={method} target={target} "

@@ -30,7 +30,9 @@ def sha256(data: bytes) -> str:
 class _HTTPHandler(http.server.BaseHTTPRequestHandler):
     """GET /bytes/N, /chunked/N, /close/N: N payload bytes, framed by length, chunks, or close.
     GET /whoami: the server's name and the request as seen (headers included).
-    POST /sha256: the body's sha256 and length (Content-Length or chunked bodies)."""
+    POST /sha256: the body's sha256 and length (Content-Length or chunked bodies).
+    POST or PUT /early413: 413 at once, without reading the body (nor answering `Expect:
+    100-continue` first), then close, as a server with a body size limit does."""
 
     protocol_version = "HTTP/1.1"
     server: _HTTPServer
@@ -59,8 +61,24 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         else:
             self._send(404, b"not found\n", head)
 
+    def handle_expect_100(self) -> bool:
+        if self.path.startswith("/early413"):
+            return True  # the final answer goes out instead of 100 Continue
+        return super().handle_expect_100()
+
+    def do_PUT(self) -> None:
+        self.do_POST()
+
     def do_POST(self) -> None:
         self.server.requests.append((self.command, self.path, dict(self.headers.items())))
+        if self.path.startswith("/early413"):
+            self.send_response(413)
+            self.send_header("Content-Length", "9")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"too large")
+            self.close_connection = True
+            return
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             digest, length = self._read_chunked()
         else:
