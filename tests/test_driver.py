@@ -21,7 +21,7 @@ from zep.http_exchange import HttpExchange
 from zep.outcome import Outcome
 from zep import relay
 from zep.routing import Router
-from zep.server import Context
+from zep.server import Context, ProxyServer
 from zep.socks_exchange import Socks5Exchange
 
 SHORT = 0.3
@@ -340,3 +340,25 @@ def test_a_relay_that_cannot_take_a_pair_is_never_announced_to_the_client(entrie
     assert run(main()).startswith(refusal)  # never SOCKS5 0x00 or HTTP 200
     (entry,) = entries
     assert entry.outcome is Outcome.INTERNAL_ERROR
+
+
+def test_drain_stops_accepting_at_once_and_cancels_what_outlives_it(entries):
+    async def main():
+        server = ProxyServer(context())
+        port = server.listen("socks5", 0, lambda ctx: Socks5Exchange(None)).address[1]
+        loop = asyncio.get_running_loop()
+        client = socket.create_connection(("127.0.0.1", port))
+        client.setblocking(False)
+        await loop.sock_sendall(client, b"\x05")  # a handshake in progress when the drain starts
+        while not server.open_connections:
+            await asyncio.sleep(0.01)  # the accept runs on this loop
+        assert not server.draining
+        await server.drain(0.1)
+        assert server.draining and not server.open_connections
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port))
+        client.close()
+
+    run(main())
+    (entry,) = entries
+    assert entry.outcome is Outcome.CANCELLED
