@@ -243,7 +243,7 @@ def test_large_transfer_both_ways(impl, make):
     down = os.urandom(MiB) * 16 + os.urandom(777)
 
     r = exchange(impl, make, up, down)
-    assert r == RelayResult(len(up), len(down), r.seconds, RelayEnd.DONE, "")
+    assert r == RelayResult(len(up), len(down), r.seconds, RelayEnd.DONE, "", download_finished=True)
     assert r.seconds > 0
 
 
@@ -424,6 +424,31 @@ def test_reset_mid_transfer_is_classified_and_propagated(impl, who):
         assert r.bytes_down == 1000
     else:
         assert r.bytes_up == 1000
+
+
+@pytest.mark.parametrize("download_ends", [True, False], ids=["after-upstream-eof", "mid-download"])
+def test_a_client_reset_says_whether_the_download_had_finished(impl, download_ends):
+    """npm, apt and others reset a connection once they have read everything: the result says
+    whether the upstream's EOF had reached the client by then."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        p = Pair()
+        t = asyncio.ensure_future(impl.relay(p.client, p.upstream, idle_timeout=30))
+        await loop.sock_sendall(p.server, b"the whole file")
+        if download_ends:
+            p.server.shutdown(socket.SHUT_WR)
+            got, err = await recv_until_end(p.app)
+            assert (got, err) == (b"the whole file", None)
+        else:
+            assert await recv_exact(p.app, 14) == b"the whole file"
+        reset_close(p.app)
+        r = await t
+        p.close_ends()
+        return r
+
+    r = run(main())
+    assert r.ended is RelayEnd.CLIENT_ERROR
+    assert r.download_finished is download_ends
 
 
 @pytest.mark.parametrize("make", [tcp_pair, unix_pair], ids=["tcp", "unix"])

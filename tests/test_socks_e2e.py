@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import struct
 import time
 
 import httpx
@@ -162,6 +163,29 @@ def test_half_close_upstream_to_client(zep, speak_first):
     while b"still talking after your EOF" not in speak_first.received and time.monotonic() < deadline:
         time.sleep(0.01)
     assert b"still talking after your EOF" in speak_first.received
+
+
+def test_a_client_that_resets_after_the_whole_download_is_ok(zep, speak_first):
+    """The exchange completed (the upstream's EOF reached the client) even if the client then
+    resets instead of closing, as npm and apt do: `ok`, not a client error."""
+    with socks_session(zep.socks_port, speak_first.host, speak_first.port) as (sock, reply):
+        assert reply == 0
+        assert recv_until_eof(sock) == b"hello from upstream"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client = "client=127.0.0.1:%d " % sock.getsockname()[1]
+    line = zep.wait_for_log(client)
+    assert "outcome=ok" in line, line
+
+
+def test_a_client_that_resets_mid_download_is_a_client_error(zep, echo):
+    with socks_session(zep.socks_port, echo.host, echo.port) as (sock, reply):
+        assert reply == 0
+        sock.sendall(b"ping")
+        assert recv_exactly(sock, 4) == b"ping"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client = "client=127.0.0.1:%d " % sock.getsockname()[1]
+    line = zep.wait_for_log(client)
+    assert "outcome=client-error" in line, line
 
 
 @pytest.mark.parametrize("command", [2, 3, 9])

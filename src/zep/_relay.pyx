@@ -903,11 +903,11 @@ cdef class _Engine:
         while p != NULL:
             nxt = p.cq_next
             # posted: the engine no longer writes to it; relay() releases it
-            done.append((<uintptr_t>p, p.d[0].bytes, p.d[1].bytes, p.ended, p.err))
+            done.append((<uintptr_t>p, p.d[0].bytes, p.d[1].bytes, p.ended, p.err, p.d[1].shut))
             p = nxt
-        for ptr, up, down, ended, err in done:
+        for ptr, up, down, ended, err, down_shut in done:
             w = <_Waiter>self.waiting.pop(ptr)
-            w.result = (up, down, ended, err)
+            w.result = (up, down, ended, err, down_shut)
             _wake(w)
 
     cdef void release(self, uintptr_t ptr) noexcept:
@@ -1149,7 +1149,7 @@ async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeou
     finally:
         if w.result is not None:
             eng.release(w.ptr)
-    up, down, ended, err = w.result
+    up, down, ended, err, down_shut = w.result
     end = RelayEnd.CANCELLED if cancelled else _END[ended]
     result = RelayResult(
         bytes_up=up,
@@ -1157,6 +1157,7 @@ async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeou
         seconds=time.monotonic() - t0,
         ended=end,
         error=_errname(err) if end in (RelayEnd.CLIENT_ERROR, RelayEnd.UPSTREAM_ERROR) else "",
+        download_finished=bool(down_shut),
     )
     if cancelled:
         raise RelayCancelled(result)

@@ -188,7 +188,8 @@ async def relay(
 
     def result(ended: RelayEnd) -> RelayResult:
         failed = ended in (RelayEnd.CLIENT_ERROR, RelayEnd.UPSTREAM_ERROR)
-        return RelayResult(pair.up.bytes, pair.down.bytes, time.monotonic() - t0, ended, pair.error if failed else "")
+        return RelayResult(pair.up.bytes, pair.down.bytes, time.monotonic() - t0, ended, pair.error if failed else "",
+                           download_finished=pair.down.shut)
 
     try:
         client.setblocking(False)

@@ -560,9 +560,14 @@ _RELAY_OUTCOMES = {
 def tunnel_outcome(route: str, result: RelayResult) -> Outcome:
     """The Ziti SDK connects zep to its local bridge before the overlay dial has finished (see
     ziti.py), so on a Ziti route an upstream that fails before sending a single byte is the
-    overlay dial failing: `ziti-dial-failed`, not an upstream error in the middle of a transfer."""
+    overlay dial failing: `ziti-dial-failed`, not an upstream error in the middle of a transfer.
+    A client that resets after it has received the upstream's EOF had all there was: `ok`."""
     if route.startswith("ziti:") and result.ended is RelayEnd.UPSTREAM_ERROR and result.bytes_down == 0:
         return Outcome.ZITI_DIAL_FAILED
+    if result.ended is RelayEnd.CLIENT_ERROR and result.download_finished:
+        # The client had the whole download, upstream's EOF included, when it reset the
+        # connection (npm, apt and others do): the exchange completed.
+        return Outcome.OK
     return _RELAY_OUTCOMES[result.ended]
 
 

@@ -40,6 +40,7 @@ class RelayResult:
     seconds: float
     ended: RelayEnd
     error: str = ""  # errno name or message when ended by an error, e.g. "ECONNRESET"
+    download_finished: bool = False  # the upstream's EOF reached the client: it has the whole download
 
 
 class RelayCancelled(asyncio.CancelledError):
