@@ -66,8 +66,14 @@ def test_decode_identity_accepts_wrapped_base64() -> None:
     assert json.loads(ziti.decode_identity(encoded)) == document
 
 
+def test_decode_identity_accepts_the_json_itself() -> None:
+    document = identity_document()
+    assert json.loads(ziti.decode_identity("\n  " + json.dumps(document, indent=2) + "\n")) == document
+
+
 @pytest.mark.parametrize("text, message", [
     ("not base64!", "not valid base64"),
+    ('{"unterminated": ', "starts like JSON but is not an identity JSON document"),
     ("abc", "not valid base64"),  # bad padding
     (base64.b64encode(b"\xff\xfe binary").decode(), "does not decode to an identity JSON"),
     (base64.b64encode(b"[1, 2]").decode(), "does not decode to an identity JSON"),

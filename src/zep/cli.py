@@ -22,6 +22,7 @@ from zep.config import (
     FLAGS,
     ConfigError,
     Settings,
+    forget_secret_files,
     host_list,
     load_settings,
 )
@@ -207,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"zep: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    finally:
+        forget_secret_files(os.environ)
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "run":
         from zep import jobrun

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -127,6 +127,15 @@ ENVIRONMENT = {
     "no_proxy": "ZEP_NO_PROXY",
 }
 
+# Setting name -> the variable naming a file that holds its value instead (a mounted Docker or
+# Kubernetes secret, as official images read them). Setting both is an error; an empty one is unset.
+SECRET_FILES = {
+    "username": "PROXY_USERNAME_FILE",
+    "password": "PROXY_PASSWORD_FILE",
+    "ziti_identity": "ZITI_IDENTITY_FILE",
+}
+SECRET_FILE_LIMIT = 1 << 20  # an identity is a few KiB; this bounds a mistaken path like /dev/zero
+
 # Setting name -> command-line flag, used to name the culprit in error messages.
 FLAGS = {name: "--" + name.replace("_", "-") for name in ENVIRONMENT}
 FLAGS.update(
@@ -179,6 +188,9 @@ def load_settings(environ: Mapping[str, str], flags: Mapping[str, Any], defaults
         if flag_value is not None:
             values[f.name] = _from_flag(f.name, flag_value)
             given.add(f.name)
+        elif _secret_file(f.name, environ):
+            values[f.name] = _from_text(f.name, _read_secret_file(f.name, environ), SECRET_FILES[f.name])
+            given.add(f.name)
         elif (variable := _variable(f.name, environ)) is not None:
             values[f.name] = _from_text(f.name, environ[variable], variable)
             given.add(f.name)
@@ -200,6 +212,40 @@ def _variable(name: str, environ: Mapping[str, str]) -> str | None:
         if variable is not None and variable in environ:
             return variable
     return None
+
+
+def forget_secret_files(environ: MutableMapping[str, str]) -> None:
+    """Once settings are loaded, nothing zep starts needs to learn where its secrets are."""
+    for variable in SECRET_FILES.values():
+        environ.pop(variable, None)
+
+
+def _secret_file(name: str, environ: Mapping[str, str]) -> str | None:
+    """The path in the setting's `*_FILE` variable, if set; setting the plain variable too is an error."""
+    variable = SECRET_FILES.get(name)
+    path = environ.get(variable, "") if variable else ""
+    if not path:
+        return None
+    plain = _variable(name, environ)
+    if plain and environ[plain]:
+        raise ConfigError(f"{plain} and {variable} are both set: use one")
+    return path
+
+
+def _read_secret_file(name: str, environ: Mapping[str, str]) -> str:
+    """The file's text without its trailing newline; the message names the file, never its content."""
+    variable, path = SECRET_FILES[name], environ[SECRET_FILES[name]]
+    try:
+        with open(path, "rb") as secret:
+            data = secret.read(SECRET_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise ConfigError(f"{variable}={path} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > SECRET_FILE_LIMIT:
+        raise ConfigError(f"{variable}={path} is larger than {SECRET_FILE_LIMIT >> 20} MiB")
+    try:
+        return data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{variable}={path} is not UTF-8 text") from None
 
 
 def _from_flag(name: str, value: Any) -> Any:
@@ -264,6 +310,8 @@ def _source_given(name: str, environ: Mapping[str, str], flags: Mapping[str, Any
     """The flag or variable that set `name`; None when it has its default."""
     if flags.get(name) is not None:
         return FLAGS[name]
+    if name in SECRET_FILES and environ.get(SECRET_FILES[name]):
+        return SECRET_FILES[name]
     return _variable(name, environ)
 
 
@@ -280,7 +328,9 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
     if s.socks_enabled and s.http_enabled and s.socks_port == s.http_port != 0:
         raise ConfigError(f"{where('socks_port')} and {where('http_port')} are both {s.socks_port}")
     if s.ziti_identities and s.ziti_identity:
-        raise ConfigError("ZITI_IDENTITY and ZITI_IDENTITIES are both set: use one")
+        raise ConfigError(f"{where('ziti_identity')} and ZITI_IDENTITIES are both set: use one")
+    if s.ziti_identity:
+        _check_identity_text(s.ziti_identity, where("ziti_identity"))
     if s.enroll_token and s.enroll_token_file:
         raise ConfigError(f"ZITI_ENROLL_TOKEN and {where('enroll_token_file')} are both set: use one")
     if s.enroll_identity_out and not s.enrolls:
@@ -307,15 +357,16 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
         raise ConfigError(f"{where('max_connections')} must be at least 1")
     if s.max_head_bytes < 1024:
         raise ConfigError(f"{where('max_head_bytes')} must be at least 1024")
-    given = [name for name in ("username", "password") if getattr(s, name) and (
-        flags.get(name) is not None or ENVIRONMENT[name] in environ)]
+    given = [name for name in ("username", "password")
+             if getattr(s, name) and _source_given(name, environ, flags) is not None]
     if s.no_auth and s.random_credentials:
         raise ConfigError(f"{where('no_auth')} and {where('random_credentials')} contradict each other: pick one")
     for switch in ("no_auth", "random_credentials"):
         if getattr(s, switch) and given:
             raise ConfigError(f"{where(switch)} and {where(given[0])} are both given: drop one of them")
     if not (s.no_auth or s.random_credentials) and bool(s.username) != bool(s.password):
-        raise ConfigError("PROXY_USERNAME and PROXY_PASSWORD must be set together (or both empty for no authentication)")
+        raise ConfigError(f"{where('username')} and {where('password')} must be set together "
+                          "(or both empty for no authentication)")
     if s.direct and s.fallback == "deny":
         raise ConfigError(f"--direct (ZEP_DIRECT) with {where('fallback')}=deny would reach nothing: "
                           "every destination takes the fallback route")
@@ -331,7 +382,8 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
         if weak:
             raise ConfigError(
                 f"{where('proxy_host')}={s.proxy_host} is reachable from other machines and zep would accept "
-                f"{weak}: set PROXY_USERNAME/PROXY_PASSWORD, or pass --allow-remote if you mean it"
+                f"{weak}: set PROXY_USERNAME and PROXY_PASSWORD (or PROXY_PASSWORD_FILE, a file holding the "
+                "password), or ZEP_ALLOW_REMOTE=true / --allow-remote if you mean it"
             )
 
 
@@ -341,6 +393,16 @@ def _check_parses(source: str, parse: Callable[..., object], *args: object) -> N
         parse(*args)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _check_identity_text(text: str, source: str) -> None:
+    """The identity JSON or its base64, told apart and checked here so a bad secret fails before start-up."""
+    from zep.ziti import ZitiSetupError, decode_identity  # no SDK import: decoding is plain Python
+
+    try:
+        decode_identity(text, source)
+    except ZitiSetupError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _is_loopback(host: str, source: str) -> bool:

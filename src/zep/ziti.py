@@ -1,8 +1,8 @@
 """The Ziti dialer: the only module that imports `openziti`, the official OpenZiti Python SDK.
 
-`start(settings)` loads every configured identity (files, `;` lists, globs, the base64 of one
-identity in `ZITI_IDENTITY`, or one enrolled now from a one-time token, `ZITI_ENROLL_TOKEN`) with
-a bounded wait and returns a `ZitiDialer` for the Router. Each identity passes zep's pre-flight
+`start(settings)` loads every configured identity (files, `;` lists, globs, one identity in
+`ZITI_IDENTITY` as JSON or base64, or one enrolled now from a one-time token, `ZITI_ENROLL_TOKEN`)
+with a bounded wait and returns a `ZitiDialer` for the Router. Each identity passes zep's pre-flight
 (`identity_check`) before the SDK sees it; `enroll_to_file` is `zep enroll`.
 
 How a target is dialed (the SDK's `Ziti_connect_addr` / `Ziti_connect`, see ZITI.md):
@@ -112,20 +112,30 @@ def expand_identity_entries(entries: Iterable[str]) -> list[str]:
     return paths
 
 
-def decode_identity(text: str) -> bytes:
-    """The identity JSON held base64-encoded in ZITI_IDENTITY (whitespace and line breaks allowed)."""
-    compact = "".join(text.split())
+def decode_identity(text: str, label: str = ENCODED_LABEL) -> bytes:
+    """The identity JSON from ZITI_IDENTITY (or ZITI_IDENTITY_FILE): the document itself, or its base64
+    (whitespace and line breaks allowed). `label` names the variable in errors; no error quotes the text."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        data = stripped.encode()
+        if not isinstance(_json_document(data), dict):
+            raise ZitiSetupError(f"{label} starts like JSON but is not an identity JSON document")
+        return data
     try:
-        data = base64.b64decode(compact, validate=True)
+        data = base64.b64decode("".join(stripped.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise ZitiSetupError(f"{ENCODED_LABEL} is not valid base64 (expected the base64 of an identity JSON file)") from None
-    try:
-        document = json.loads(data)
-    except (UnicodeDecodeError, ValueError):
-        document = None
-    if not isinstance(document, dict):
-        raise ZitiSetupError(f"{ENCODED_LABEL} is base64 but does not decode to an identity JSON document")
+        raise ZitiSetupError(f"{label} is not valid base64 (expected the base64 of an identity JSON file, "
+                             "or the JSON itself)") from None
+    if not isinstance(_json_document(data), dict):
+        raise ZitiSetupError(f"{label} is base64 but does not decode to an identity JSON document")
     return data
+
+
+def _json_document(data: bytes) -> object:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 class PrivateDirectory:
