@@ -1,10 +1,11 @@
 """The container image cannot be built here, so check what can be checked without Docker: the
 Dockerfile parses, copies files that exist and that .dockerignore lets through, runs without root,
-keeps the original variables working, and its HEALTHCHECK command really tells a live zep from
-a dead one."""
+keeps the original variables working, refuses to start with default or no credentials (its CMD run
+with its ENV), and its HEALTHCHECK command really tells a live zep from a dead one."""
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import json
 import os
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.zepproc import start_zep
-from zep.config import ENVIRONMENT
+from tests.support.zepproc import start_zep, zep_env
+from zep.config import ENVIRONMENT, SECRET_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,6 +120,11 @@ def final(dockerfile) -> Stage:
     return dockerfile[1][-1]
 
 
+def test_the_first_line_selects_the_dockerfile_frontend() -> None:
+    # Needed for RUN --mount and HEALTHCHECK --start-interval on every builder, not only recent ones.
+    assert (ROOT / "Dockerfile").read_text().splitlines()[0] == "# syntax=docker/dockerfile:1"
+
+
 def test_multi_stage_with_a_slim_python_final_image(dockerfile) -> None:
     args, stages = dockerfile
     assert len(stages) >= 2
@@ -170,6 +176,19 @@ def test_final_stage_installs_the_wheel_with_the_ziti_extra_and_no_compiler(dock
     assert "gcc" not in runs and "apt-get install" not in runs
 
 
+def test_wheels_reach_the_final_stage_through_a_bind_mount_not_a_layer(dockerfile) -> None:
+    stage = final(dockerfile)
+    assert not [i for i in stage.all("COPY") + stage.all("ADD") if "from" in i.flags_and_args()[0]]
+    (install,) = [i for i in stage.all("RUN") if "pip install" in i.value]
+    flags, words = install.flags_and_args()
+    mount = dict(part.split("=", 1) for part in flags["mount"].split(","))
+    assert mount == {"type": "bind", "from": "build", "source": "/wheels", "target": "/wheels"}
+    assert f"--find-links {mount['target']}" in " ".join(words)
+    build = dockerfile[1][0]
+    assert any("--wheel-dir /wheels" in i.value for i in build.all("RUN"))
+    assert "rm -rf" not in install.value  # nothing to remove: the wheels were never in a layer
+
+
 def test_runs_as_a_non_root_user(dockerfile) -> None:
     users = final(dockerfile).all("USER")
     assert users, "the final stage has no USER"
@@ -192,12 +211,51 @@ def env_of(stage: Stage) -> dict[str, str]:
 def test_environment_listens_in_the_container_with_known_variables(dockerfile) -> None:
     env = env_of(final(dockerfile))
     assert env["PROXY_HOST"] == "0.0.0.0"
-    assert env["ZEP_ALLOW_REMOTE"] == "true"
+    assert "ZEP_ALLOW_REMOTE" not in env  # the guard against default credentials stays on
     assert env["SOCKS_PORT"] == "1080" and env["HTTP_PORT"] == "8080"
     known = set(ENVIRONMENT.values())
     for name in env:
         assert name in known or name.startswith("PYTHON"), f"ENV {name} is not a zep setting"
-    assert "ZITI_IDENTITY" not in env and "PROXY_PASSWORD" not in env  # secrets come at run time
+    secrets = {"ZITI_IDENTITY", "PROXY_PASSWORD", *SECRET_FILES.values()}
+    assert not secrets & set(env), "secrets come at run time"
+
+
+def run_image_command(dockerfile, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The image's CMD with the image's ENV plus `env`, in a network namespace of its own: should the
+    guard ever fail, zep listens on 0.0.0.0 of an empty namespace rather than of this machine."""
+    cmd = final(dockerfile).all("CMD")[-1].exec_form()
+    assert cmd[0] == "zep"
+    base = {k: v for k, v in zep_env().items() if k not in ("PROXY_USERNAME", "PROXY_PASSWORD")}
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--net", sys.executable, "-m", "zep", *cmd[1:]],
+                          env={**base, **env_of(final(dockerfile)), **env}, capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+
+
+IDENTITY = base64.b64encode(json.dumps({"ztAPI": "https://ctrl.example.test:1280", "id": {}}).encode()).decode()
+
+
+@pytest.mark.parametrize("credentials", [{}, {"PROXY_USERNAME": "user", "PROXY_PASSWORD": "password"},
+                                         {"PROXY_USERNAME": "", "PROXY_PASSWORD": ""}])
+@pytest.mark.parametrize("identity", [{"ZITI_IDENTITY": IDENTITY}, {"ZEP_DIRECT": "true"}])
+def test_the_image_refuses_default_or_no_credentials_with_one_line_that_says_how(
+        dockerfile, credentials: dict[str, str], identity: dict[str, str]) -> None:
+    result = run_image_command(dockerfile, {**credentials, **identity})
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("zep: error: PROXY_HOST=0.0.0.0 is reachable from other machines")
+    for name in ("PROXY_USERNAME", "PROXY_PASSWORD", "PROXY_PASSWORD_FILE"):
+        assert name in lines[0]
+
+
+def test_the_image_accepts_a_password_file(dockerfile, tmp_path: Path) -> None:
+    # Real credentials get past the guard; a bad identity then stops zep, still before it listens.
+    (tmp_path / "proxy-password").write_text("s3cret-from-a-file\n")
+    result = run_image_command(dockerfile, {"PROXY_PASSWORD_FILE": str(tmp_path / "proxy-password"),
+                                            "ZITI_IDENTITY": "not an identity"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "zep: error: ZITI_IDENTITY is not valid base64 (expected the base64 of an identity JSON file, or the JSON itself)"]
 
 
 def test_exposes_the_two_listeners_and_serves(dockerfile) -> None:
@@ -215,30 +273,39 @@ def healthcheck_command(dockerfile) -> list[str]:
     return command
 
 
-def run_healthcheck(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *command[1:]], env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=30)
+def run_healthcheck(dockerfile, command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The HEALTHCHECK command as Docker runs it: in the container's environment, the image's ENV."""
+    return subprocess.run([sys.executable, *command[1:]], env={**zep_env(), **env_of(final(dockerfile)), **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+def image_zep(dockerfile, env: dict[str, str] | None = None):
+    """zep with the image's ENV and real credentials, on loopback ports of this machine (flags win)."""
+    return start_zep("--direct", env={**env_of(final(dockerfile)), "PROXY_USERNAME": "ci",
+                                      "PROXY_PASSWORD": "s3cret", **(env or {})})
+
+
+def listener_ports(zp) -> dict[str, str]:
+    return {"SOCKS_PORT": str(zp.socks_port), "HTTP_PORT": str(zp.http_port)}
 
 
 def test_healthcheck_passes_against_a_running_zep(dockerfile) -> None:
     command = healthcheck_command(dockerfile)
-    with start_zep("--direct") as zp:
-        result = run_healthcheck(command, {"SOCKS_PORT": str(zp.socks_port), "HTTP_PORT": str(zp.http_port)})
+    with image_zep(dockerfile) as zp:
+        result = run_healthcheck(dockerfile, command, listener_ports(zp))
         assert result.returncode == 0, result.stderr
-        socks_only = run_healthcheck(command, {"SOCKS_PORT": str(zp.socks_port), "HTTP_ENABLED": "false",
-                                               "HTTP_PORT": "1"})
+    with image_zep(dockerfile, {"HTTP_ENABLED": "false"}) as zp:
+        socks_only = run_healthcheck(dockerfile, command, {"SOCKS_PORT": str(zp.socks_port), "HTTP_ENABLED": "false",
+                                                           "HTTP_PORT": "1"})
         assert socks_only.returncode == 0, socks_only.stderr
-    with start_zep("--direct", env={"PROXY_USERNAME": "ci", "PROXY_PASSWORD": "s3cret"}) as zp:
-        result = run_healthcheck(command, {"SOCKS_PORT": str(zp.socks_port), "HTTP_PORT": str(zp.http_port)})
-        assert result.returncode == 0, result.stderr
 
 
 def test_healthcheck_fails_when_a_listener_is_down(dockerfile) -> None:
     from tests.support.upstreams import closed_port
 
     command = healthcheck_command(dockerfile)
-    with start_zep("--direct") as zp:
-        result = run_healthcheck(command, {"SOCKS_PORT": str(zp.socks_port), "HTTP_PORT": str(closed_port())})
+    with image_zep(dockerfile) as zp:
+        result = run_healthcheck(dockerfile, command, {**listener_ports(zp), "HTTP_PORT": str(closed_port())})
         assert result.returncode != 0
-        result = run_healthcheck(command, {"SOCKS_PORT": str(closed_port()), "HTTP_PORT": str(zp.http_port)})
+        result = run_healthcheck(dockerfile, command, {**listener_ports(zp), "SOCKS_PORT": str(closed_port())})
         assert result.returncode != 0
