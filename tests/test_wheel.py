@@ -1,5 +1,6 @@
-"""The wheel a release builds: `pip wheel` on a copy of the sources (nothing prebuilt in it) gives a
-platform wheel with the compiled relay, and `zep version` in a fresh environment with that wheel
+"""What a release publishes: the sdist of a clean copy of the sources carries the relay's Cython
+sources (not generated C); `pip wheel` on that sdist, as pip does where no wheel fits, gives a
+platform wheel with the compiled relay; and `zep version` in a fresh environment with that wheel
 installed says the relay is the compiled one. cibuildwheel runs the same check on every release
 wheel (`[tool.cibuildwheel]` in pyproject.toml)."""
 
@@ -9,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import venv
 import zipfile
 from pathlib import Path
@@ -38,18 +40,25 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.mark.build
 @pytest.mark.timeout(BUILD_TIMEOUT * 2)
-def test_the_wheel_carries_the_compiled_relay_and_runs_it(tmp_path: Path) -> None:
+def test_the_sdist_builds_a_wheel_that_carries_and_runs_the_compiled_relay(tmp_path: Path) -> None:
     sources = source_copy(tmp_path / "sources")
     assert not list(sources.rglob("_relay*.so")) and not list(sources.rglob("_relay.c"))
+    run([sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path / "dist"), str(sources)])
+    (sdist,) = (tmp_path / "dist").glob("ziti_edge_proxy-*.tar.gz")
+    members = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
+    assert {"src/zep/_relay.pyx", "src/zep/includes/system.pxd", "setup.py", "README.md"} <= members
+    assert "src/zep/_relay.c" not in members
+
     # -O0: this checks the packaging, not the optimizer, and compiles several times faster.
     env = {**os.environ, "CFLAGS": "-O0"}
     env.pop("ZEP_NO_EXTENSIONS", None)
     run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path / "wheels"),
-         str(sources)], env=env)
+         str(sdist)], env=env)
     (wheel,) = (tmp_path / "wheels").glob("ziti_edge_proxy-*.whl")
     assert "-linux_" in wheel.name or "manylinux" in wheel.name  # a platform wheel, not py3-none-any
     names = zipfile.ZipFile(wheel).namelist()
     assert [n for n in names if n.startswith("zep/_relay") and n.endswith(".so")], names
+    assert not [n for n in names if n.endswith((".pyx", ".pxd", ".c"))], names
 
     environment = tmp_path / "fresh"
     venv.create(environment, with_pip=True)
