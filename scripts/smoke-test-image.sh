@@ -11,16 +11,18 @@ image=${1:?usage: smoke-test-image.sh IMAGE}
 here=$(cd "$(dirname "$0")" && pwd)
 name=zep-smoke-$$
 work=$(mktemp -d)
-trap 'docker rm -f "$name" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+trap 'docker rm -f "$name" "$name-refused" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 health_wait=90   # seconds: the start period plus a few checks
+refusal_wait=60  # seconds: the refusal comes before anything starts
 
 echo "--- default credentials are refused"
-if docker run --rm -e ZEP_DIRECT=true "$image" 2>"$work/refused"; then
-    echo "the image started with the default credentials" >&2
+code=0
+timeout "$refusal_wait" docker run --rm --name "$name-refused" -e ZEP_DIRECT=true "$image" 2>"$work/refused" || code=$?
+cat "$work/refused"
+if [ "$code" != 2 ] || ! grep -q "PROXY_PASSWORD_FILE" "$work/refused"; then
+    echo "expected exit code 2 and how to set credentials, got exit code $code" >&2
     exit 1
 fi
-cat "$work/refused"
-grep -q "PROXY_PASSWORD_FILE" "$work/refused"
 
 echo "--- serving with a password file"
 python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$work/proxy-password"
