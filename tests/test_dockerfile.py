@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.zepproc import start_zep, zep_env
-from zep.config import ENVIRONMENT, SECRET_FILES
+from zep.config import ENVIRONMENT, SECRET_FILES, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -271,6 +271,15 @@ def healthcheck_command(dockerfile) -> list[str]:
     command = checks[0].exec_form()
     assert command and command[0] == "python" and command[1] == "-c"
     return command
+
+
+def test_healthcheck_probes_often_while_starting_then_rarely(dockerfile) -> None:
+    (check,) = final(dockerfile).all("HEALTHCHECK")
+    flags, _ = check.flags_and_args()
+    seconds = {name: float(value.rstrip("s")) for name, value in flags.items() if value.endswith("s")}
+    assert seconds["start-interval"] <= 2 < seconds["interval"]
+    # Identities may take ZEP_ZITI_LOAD_TIMEOUT to load: the start period covers that default.
+    assert seconds["start-period"] >= Settings().ziti_load_timeout and seconds["timeout"] < seconds["interval"]
 
 
 def run_healthcheck(dockerfile, command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
