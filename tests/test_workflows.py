@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from zep.config import ENVIRONMENT, SECRET_FILES
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 # The first majors on the node24 runtime (earlier ones run on the deprecated node20).
@@ -127,3 +129,10 @@ def test_the_image_smoke_script_passes_shellcheck() -> None:
     result = subprocess.run(["shellcheck", str(ROOT / "scripts" / "smoke-test-image.sh")], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout
+
+
+def test_the_image_smoke_script_sets_only_variables_zep_reads() -> None:
+    script = (ROOT / "scripts" / "smoke-test-image.sh").read_text()
+    names = set(re.findall(r"-e ([A-Z_]+)=", script))
+    assert {"ZEP_DIRECT", "PROXY_USERNAME", "PROXY_PASSWORD_FILE"} <= names
+    assert names <= set(ENVIRONMENT.values()) | set(SECRET_FILES.values())
