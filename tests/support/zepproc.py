@@ -36,13 +36,17 @@ class ZepProcess:
 
     def wait_for_log(self, needle: str, timeout: float = 10.0) -> str:
         """Wait until a log line contains `needle` (access lines are written when a connection ends)."""
+        return self.wait_for_lines(needle, 1, timeout)[0]
+
+    def wait_for_lines(self, needle: str, count: int, timeout: float = 10.0) -> list[str]:
+        """Wait until `count` log lines contain `needle`; returns them in order."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in self.log_text().splitlines():
-                if needle in line:
-                    return line
+            lines = [line for line in self.log_text().splitlines() if needle in line]
+            if len(lines) >= count:
+                return lines
             time.sleep(0.02)
-        raise AssertionError(f"no log line with {needle!r} within {timeout} s; log:\n{self.log_text()}")
+        raise AssertionError(f"not {count} log lines with {needle!r} within {timeout} s; log:\n{self.log_text()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:
