@@ -148,7 +148,7 @@ def test_upstream_proxy_settings():
     ({"ZEP_TIMEOUT_HTTP_KEEP_ALIVE": "0"}, [], "ZEP_TIMEOUT_HTTP_KEEP_ALIVE must be more than 0"),
     ({"ZEP_DRAIN_TIMEOUT": "-1"}, [], "ZEP_DRAIN_TIMEOUT must be 0 seconds or more"),
     ({"ZEP_LOG_FORMAT": "xml"}, [], "ZEP_LOG_FORMAT must be logfmt or json"),
-    ({"ZEP_MAXCONN": "0"}, [], "ZEP_MAXCONN must be at least 1"),
+    ({"ZEP_MAXCONN": "-1"}, [], "ZEP_MAXCONN must be 0 or more"),
     ({"PROXY_USERNAME": "only-user", "PROXY_PASSWORD": ""}, [], "must be set together"),
     ({"PROXY_HOST": "0.0.0.0"}, [], "reachable from other machines"),
     ({"PROXY_HOST": "0.0.0.0", "PROXY_USERNAME": "", "PROXY_PASSWORD": ""}, [], "no authentication"),

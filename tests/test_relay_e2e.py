@@ -125,8 +125,8 @@ def test_a_relay_that_cannot_start_stops_zep_at_start_up() -> None:
     if os.environ.get("ZEP_NO_EXTENSIONS"):
         pytest.skip("ZEP_NO_EXTENSIONS is set: the compiled relay is deliberately off")
 
-    def few_descriptors() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (FEW, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    def few_descriptors() -> None:  # the hard limit too: zep raises its soft limit to the hard one
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FEW, FEW))
 
     result = subprocess.run([sys.executable, "-m", "zep", "serve", "--direct", "--host", "127.0.0.1",
                              "--socks-port", "0", "--http-port", "0"], env=zep_env(), capture_output=True,

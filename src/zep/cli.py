@@ -122,7 +122,7 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
         add(flag[name], *FLAG_ALIASES.get(name, ()), dest=name, type=float, metavar="SECONDS",
             help=f"{meaning} ({variables})")
     add(flag["max_connections"], dest="max_connections", type=int, metavar="N",
-        help="most concurrent client connections (ZEP_MAXCONN)")
+        help="most concurrent client connections; 0: what the open-files limit carries (ZEP_MAXCONN)")
     add(flag["max_head_bytes"], dest="max_head_bytes", type=int, metavar="BYTES",
         help="largest HTTP request head (ZEP_MAX_HEAD_BYTES)")
     add(flag["ziti_service_suffix"], dest="ziti_service_suffix", metavar="SUFFIX",

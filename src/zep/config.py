@@ -53,7 +53,7 @@ class Settings:
     connect_timeout: float = 10.0
     tunnel_timeout: float = 600.0
     drain_timeout: float = 25.0
-    max_connections: int = 1024
+    max_connections: int = 0  # 0: as many as the open-files limit carries (fdlimit)
     max_head_bytes: int = 65536
     ziti_load_timeout: float = 30.0
     ziti_service_suffix: str = ".ziti"
@@ -353,8 +353,8 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
             raise ConfigError(f"{where(name)} must be more than 0 seconds")
     if not s.drain_timeout >= 0:
         raise ConfigError(f"{where('drain_timeout')} must be 0 seconds or more")
-    if s.max_connections < 1:
-        raise ConfigError(f"{where('max_connections')} must be at least 1")
+    if s.max_connections < 0:
+        raise ConfigError(f"{where('max_connections')} must be 0 or more (0: fit the open-files limit)")
     if s.max_head_bytes < 1024:
         raise ConfigError(f"{where('max_head_bytes')} must be at least 1024")
     given = [name for name in ("username", "password")

@@ -16,7 +16,7 @@ from functools import cached_property
 
 from zep.accesslog import AccessRecord
 from zep.auth import Credentials
-from zep import relay as relay_choice
+from zep import fdlimit, relay as relay_choice
 from zep.config import ENVIRONMENT, FLAGS, Settings
 from zep.driver import Driver
 from zep.exchange import CLIENT, HTTP_KEEP_ALIVE, HTTP_REQUEST, SERVER, TUNNEL, Exchange, authority
@@ -27,6 +27,8 @@ from zep.routing import Router
 log = logging.getLogger("zep.server")
 
 RelayFunction = Callable[..., Awaitable[RelayResult]]
+
+ACCEPT_RETRY = 0.1  # seconds between accept attempts while out of fds or buffers
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Listener:
     sock: socket.socket
     exchange: ExchangeFactory
     refusal: bytes  # what a connection over the limit is told before it is closed
+    paused: bool = False  # accepts failed (out of fds) and are retried until the backlog drains
 
     @property
     def address(self) -> tuple[str, int]:
@@ -70,6 +73,9 @@ class ProxyServer:
         self._connections: dict[asyncio.Task[None], Driver] = {}
         self._stopped = False
         self._draining = False
+        # 0 (the default): as many as the open-files limit carries, as `zep serve` works out at start.
+        self.max_connections = ctx.settings.max_connections or fdlimit.max_connections_for(
+            fdlimit.current_limit(), ctx.settings.ziti_configured)
 
     @property
     def open_connections(self) -> int:
@@ -93,14 +99,20 @@ class ProxyServer:
             try:
                 conn, peer = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
+                if listener.paused:  # the backlog is empty and there were fds for all of it
+                    listener.paused = False
+                    log.info("accepting again on %s", listener.proto)
                 return
             except OSError as exc:
                 # Out of fds or buffers: stop accepting for a moment rather than spin on a readable socket.
-                log.warning("accept on %s failed: %s; pausing accepts for 0.1 s", listener.proto, exc)
                 loop.remove_reader(listener.sock.fileno())
-                loop.call_later(0.1, self._resume_accepting, listener)
+                loop.call_later(ACCEPT_RETRY, self._resume_accepting, listener)
+                if not listener.paused:  # one line per episode, not one per retry
+                    log.warning("accept on %s failed: %s; pausing accepts until connections close (retrying "
+                                "every %g s)", listener.proto, exc.strerror or exc, ACCEPT_RETRY)
+                listener.paused = True
                 return
-            if len(self._connections) >= self.ctx.settings.max_connections:
+            if len(self._connections) >= self.max_connections:
                 self._refuse(listener, conn, peer)
                 continue
             conn.setblocking(False)
@@ -117,9 +129,10 @@ class ProxyServer:
     def _resume_accepting(self, listener: Listener) -> None:
         if not self._stopped:
             asyncio.get_running_loop().add_reader(listener.sock.fileno(), self._accept_all, listener)
+            self._accept_all(listener)  # at once: an empty backlog ends the pause too
 
     def _refuse(self, listener: Listener, conn: socket.socket, peer: tuple) -> None:
-        limit = self.ctx.settings.max_connections
+        limit = self.max_connections
         try:
             conn.setblocking(False)
             conn.send(listener.refusal)

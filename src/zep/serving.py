@@ -8,6 +8,7 @@ same routes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import zep
-from zep import hardening, readyfile, relay
+from zep import fdlimit, hardening, readyfile, relay
 from zep.auth import Credentials, random_credentials
 from zep.config import Settings
 from zep.dial import Dialer
@@ -49,6 +50,7 @@ def run_proxy(settings: Settings, job: Job | None = None) -> int:
 
     if not settings.dumpable:
         hardening.make_undumpable()
+    open_files = fdlimit.raise_open_files_limit()  # before the engine and the SDK open theirs
     try:
         relay.start()  # before anything listens: a relay that cannot run is a start-up error
     except RelayUnavailable as exc:
@@ -81,7 +83,7 @@ def run_proxy(settings: Settings, job: Job | None = None) -> int:
     fallback = fallback_dialer(settings.fallback, policy, upstream)
     router = Router(dialers, fallback, settings.connect_timeout)
     try:
-        return uvloop.run(_serve(settings, router, job))
+        return uvloop.run(_serve(_fit_open_files(settings, open_files), router, job))
     except (OSError, ReadyFileError) as exc:
         print(f"zep: error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -140,6 +142,22 @@ async def _until_stopped(server: ProxyServer, drain_timeout: float) -> int:
         await server.shutdown()
     await draining
     return 0
+
+
+def _fit_open_files(settings: Settings, open_files: fdlimit.OpenFiles) -> Settings:
+    """maxconn from the open-files limit unless configured; logs the choice, warns when it does not fit."""
+    fits = fdlimit.max_connections_for(open_files.limit, settings.ziti_configured)
+    raised = f" (raised from {open_files.before})" if open_files.limit != open_files.before else ""
+    if not settings.max_connections:
+        log.info("open files: limit %d%s; maxconn %d (fits the limit)", open_files.limit, raised, fits)
+        return dataclasses.replace(settings, max_connections=fits)
+    if settings.max_connections > fits:
+        log.warning("open files: limit %d%s; maxconn %d (configured) does not fit: past about %d connections, "
+                    "accepts pause and dials fail for want of file descriptors", open_files.limit, raised,
+                    settings.max_connections, fits)
+    else:
+        log.info("open files: limit %d%s; maxconn %d (configured)", open_files.limit, raised, settings.max_connections)
+    return settings
 
 
 def _describe_routes(settings: Settings, router: Router) -> str:

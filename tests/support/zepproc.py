@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +72,12 @@ def zep_env(env: Mapping[str, str] | None = None, relay: str | None = None,
 @contextlib.contextmanager
 def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | None = None,
               extra_pythonpath: Sequence[str] = (), default_args: bool = True,
-              python: str = sys.executable, ready_path: Path | None = None) -> Iterator[ZepProcess]:
+              python: str = sys.executable, ready_path: Path | None = None,
+              preexec_fn: Callable[[], None] | None = None) -> Iterator[ZepProcess]:
     """Start `python -m zep serve` and wait until it is listening (its ready file); stop it on exit.
 
-    `python` may name another environment's interpreter (the benchmarks' baseline build)."""
+    `python` may name another environment's interpreter (the benchmarks' baseline build);
+    `preexec_fn` runs in the child before zep starts (to lower a resource limit, say)."""
     with tempfile.TemporaryDirectory(prefix="zep-test-") as tmp:
         ready = ready_path or Path(tmp, "ready.json")
         log_path = Path(tmp, "zep.log")
@@ -85,7 +87,8 @@ def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | Non
         command += [*args, "--ready-file", str(ready)]
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(command, env=zep_env(env, relay, extra_pythonpath),
-                                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    preexec_fn=preexec_fn)
         zp = None
         try:
             info = _wait_ready(proc, ready, log_path)
