@@ -23,7 +23,9 @@ from zep.outcome import Outcome
 access_logger = logging.getLogger("zep.access")
 
 Observer = Callable[["AccessEntry"], None]
+LineFold = Callable[["AccessEntry"], bool]
 _observers: list[Observer] = []
+_fold: LineFold | None = None
 _json_lines = False
 
 
@@ -43,6 +45,7 @@ class AccessEntry:
     path: str = ""  # forwarded requests: the path, without the query string
     status: int = 0  # HTTP: the status sent to the client; 0 when none was
     tenant: str = ""
+    count: int = 0  # an aggregated line: how many exchanges it stands for (see throttle.py); 0: one, not aggregated
 
     @property
     def route_kind(self) -> str:
@@ -63,6 +66,8 @@ class AccessEntry:
             out["status"] = self.status
         out.update(route=self.route, user=self.user, up=self.up, down=self.down,
                    secs=round(self.seconds, 3), outcome=self.outcome.label, term=self.outcome.code)
+        if self.count:
+            out["count"] = self.count
         if self.detail:
             out["detail"] = self.detail
         return out
@@ -81,9 +86,21 @@ def configure(*, json_lines: bool) -> None:
     _json_lines = json_lines
 
 
+def fold_lines(fold: LineFold | None) -> None:
+    """Let `fold` keep entries out of the log (it returns True for those); observers still see them."""
+    global _fold
+    _fold = fold
+
+
 def emit(entry: AccessEntry) -> None:
     for observer in _observers:
         observer(entry)
+    if _fold is None or not _fold(entry):
+        write(entry)
+
+
+def write(entry: AccessEntry) -> None:
+    """The log line alone: for aggregated entries, whose exchanges the observers have seen."""
     access_logger.info(format_json(entry) if _json_lines else format_logfmt(entry))
 
 

@@ -53,6 +53,7 @@ from zep.exchange import (
     Event,
     Exchange,
     Log,
+    Login,
     Report,
     SendClient,
     SendUpstream,
@@ -64,6 +65,7 @@ from zep.exchange import (
 )
 from zep.outcome import Outcome
 from zep.relay_result import RelayCancelled, RelayEnd, RelayResult, RelayUnavailable
+from zep.throttle import source_of
 
 if TYPE_CHECKING:
     from zep.server import Context
@@ -182,6 +184,8 @@ class Driver:
                     self._held = command.report
                 else:
                     self._emit(command.report)
+            elif kind is Login:
+                await self._login(command)
             elif kind is Dial:
                 return await self._dial(command)
             elif kind is CloseUpstream:
@@ -388,6 +392,14 @@ class Driver:
         side.sent += sent
         self._progress(side)
         return sent
+
+    async def _login(self, login: Login) -> None:
+        """Hold the answer to a password check while its source keeps failing (see zep.throttle)."""
+        source = source_of(self._record.client)
+        delay = self.ctx.logins.delay(source)
+        if delay:
+            await asyncio.sleep(delay)
+        self.ctx.logins.record(source, login.accepted)
 
     async def _dial(self, dial: Dial) -> Event:
         side = self._upstream

@@ -187,7 +187,15 @@ class Close:
     abort: bool = False
 
 
-Command = SendClient | SendUpstream | Dial | CloseUpstream | Arm | Disarm | Log | Tunnel | Close
+@dataclass(frozen=True, slots=True)
+class Login:
+    """The outcome of a password check, right before its answer: the driver holds the commands
+    after it while the client's address keeps failing, and tells the throttle (zep.throttle)."""
+
+    accepted: bool
+
+
+Command = SendClient | SendUpstream | Dial | CloseUpstream | Arm | Disarm | Log | Login | Tunnel | Close
 
 
 class Exchange(Protocol):

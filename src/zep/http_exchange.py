@@ -41,6 +41,7 @@ from zep.exchange import (
     Drain,
     Event,
     Log,
+    Login,
     Report,
     SendClient,
     SendUpstream,
@@ -169,19 +170,24 @@ class HttpExchange:
             self._target = "http://" + authority(head.host, head.port)
             self._path = head.target.partition(b"?")[0].decode("latin-1")  # the query may carry tokens
         commands: list[Command] = [Disarm(HTTP_REQUEST)]
-        refusal = self._authenticate(head)
+        refusal = self._authenticate(head, commands)
         if refusal:
             return commands + refusal
         self._phase = _Phase.DIALING
         self.wants_client = False
         return commands + [Dial(head.host, head.port, reuse=head.method != "CONNECT")]
 
-    def _authenticate(self, head: RequestHead) -> list[Command]:
+    def _authenticate(self, head: RequestHead, commands: list[Command]) -> list[Command]:
+        """The refusal when the request's credentials do not do; a Login goes on `commands` for
+        each password checked (a request without credentials is a challenge, not a guess)."""
         credentials = self._credentials
         if credentials is None:
             return []
         given = parse_basic(head.proxy_authorization)
-        if given is not None and credentials.matches(*given):
+        accepted = given is not None and credentials.matches(*given)
+        if given is not None:
+            commands.append(Login(accepted))
+        if accepted:
             self._user = given[0]
             return []
         if given is None:

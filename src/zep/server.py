@@ -11,7 +11,7 @@ import errno
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from zep.accesslog import AccessRecord
@@ -23,6 +23,7 @@ from zep.exchange import CLIENT, HTTP_KEEP_ALIVE, HTTP_REQUEST, SERVER, TUNNEL, 
 from zep.outcome import Outcome
 from zep.relay_result import RelayResult
 from zep.routing import Router
+from zep.throttle import LoginThrottle
 
 log = logging.getLogger("zep.server")
 
@@ -40,6 +41,7 @@ class Context:
     relay: RelayFunction
     credentials: Credentials | None
     relay_ready: Callable[[], bool] = relay_choice.ready  # checked before a client is told its tunnel is up
+    logins: LoginThrottle = field(default_factory=LoginThrottle)
 
     @cached_property
     def timeouts(self) -> dict[str, float]:

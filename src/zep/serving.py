@@ -96,9 +96,11 @@ async def _serve(settings: Settings, router: Router, job: Job | None) -> int:
     from zep.http_exchange import OVERLOADED, HttpExchange
     from zep.server import Context, ProxyServer, format_address
     from zep.socks_exchange import Socks5Exchange
+    from zep.throttle import FailedLoginDigest, write_digests
 
     credentials = proxy_credentials(settings)
     server = ProxyServer(Context(settings, router, relay.relay, credentials, relay.ready))
+    digests = asyncio.create_task(write_digests(FailedLoginDigest(server.ctx.logins.holds)))
     try:
         socks = http = None
         if settings.socks_enabled:
@@ -121,6 +123,8 @@ async def _serve(settings: Settings, router: Router, job: Job | None) -> int:
         if server.open_connections:
             log.info("stopping: no new connections; closing %d open ones", server.open_connections)
         await server.shutdown()
+        digests.cancel()  # writes what it still holds
+        await asyncio.gather(digests, return_exceptions=True)
 
 
 async def _until_stopped(server: ProxyServer, drain_timeout: float) -> int:

@@ -21,6 +21,7 @@ from zep.exchange import (
     Disarm,
     Event,
     Log,
+    Login,
     Report,
     SendClient,
     TimerFired,
@@ -29,6 +30,10 @@ from zep.exchange import (
     login_name,
 )
 from zep.outcome import Outcome
+
+
+# The answers to a user/password check (RFC 1929), which the login throttle may hold.
+_LOGIN_ANSWERS = {b"\x01\x00": True, b"\x01\x01": False}
 
 
 class Socks5Exchange:
@@ -68,6 +73,8 @@ class Socks5Exchange:
     def _feed(self, data: bytes) -> list[Command]:
         commands: list[Command] = []
         for step in self._handshake.feed(data):
+            if not isinstance(step, socks5.ConnectRequest) and step.data in _LOGIN_ANSWERS:
+                commands.append(Login(_LOGIN_ANSWERS[step.data]))
             if isinstance(step, socks5.Send):
                 commands.append(SendClient(step.data))
             elif isinstance(step, socks5.Refuse):
