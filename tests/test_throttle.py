@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.clients import curl, recv_exactly
 from tests.support.upstreams import Upstream
@@ -229,7 +231,7 @@ def test_every_failure_is_in_exactly_one_line(events: list[tuple[int, float, boo
 
 @pytest.fixture
 def zep_guarded() -> Iterator[ZepProcess]:
-    with start_zep("--direct", env={"PROXY_USERNAME": "alice", "PROXY_PASSWORD": "s3cret"}) as zp:
+    with start_zep("--direct", "--admin", "127.0.0.1:0", env={"PROXY_USERNAME": "alice", "PROXY_PASSWORD": "s3cret"}) as zp:
         yield zp
 
 
@@ -259,6 +261,13 @@ def test_socks5_guessing_slows_down_and_is_logged_in_aggregate(zep_guarded: ZepP
     assert answers[-1][1] >= 0.4  # the eighth wrong password: 0.1, 0.2, then 0.4 s
     status, _ = socks_login(zep_guarded.socks_port, "s3cret")
     assert status == b"\x01\x00"  # the right password still gets in
+    metrics = requests.get(f"http://127.0.0.1:{zep_guarded.admin_port}/metrics", timeout=10).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics) for s in family.samples}
+    assert samples[("zep_login_failures_total", ())] == 8  # metrics count every attempt, folded or not
+    assert samples[("zep_logins_delayed_total", ())] == 4  # the sixth to eighth guess and the right password
+    failed = (("outcome", "auth-failed"), ("proto", "socks5"), ("route_kind", "-"))
+    assert samples[("zep_exchanges_total", failed)] == 8
     assert zep_guarded.stop() == 0
     lines = auth_failed_lines(zep_guarded)
     assert len(lines) == 6, lines  # the first five as they are, the other three in one

@@ -11,10 +11,11 @@ outcome it prints is decided where the exchange ended, never inferred here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from zep.dial import Failure
@@ -46,6 +47,7 @@ class AccessEntry:
     status: int = 0  # HTTP: the status sent to the client; 0 when none was
     tenant: str = ""
     count: int = 0  # an aggregated line: how many exchanges it stands for (see throttle.py); 0: one, not aggregated
+    dial_seconds: float = 0.0  # time spent dialing the destination (failed dials too); 0: no dial
 
     @property
     def route_kind(self) -> str:
@@ -149,13 +151,24 @@ class AccessRecord:
     path: str = ""
     status: int = 0
     tenant: str = ""
+    dial_seconds: float = 0.0
     started: float = field(default_factory=time.monotonic)
+
+    @contextlib.contextmanager
+    def timing_dial(self) -> Iterator[None]:
+        """Around a dial: its time (success or failure) adds to dial_seconds."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.dial_seconds += time.monotonic() - started
 
     def entry(self) -> AccessEntry:
         return AccessEntry(
             client=self.client, proto=self.proto, target=self.target, route=self.route, user=self.user,
             up=self.up, down=self.down, seconds=time.monotonic() - self.started, outcome=self.outcome,
             detail=self.detail, method=self.method, path=self.path, status=self.status, tenant=self.tenant,
+            dial_seconds=self.dial_seconds,
         )
 
     def emit(self) -> None:

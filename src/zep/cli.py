@@ -132,6 +132,8 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
         help="log lines as logfmt or JSON (ZEP_LOG_FORMAT)")
     add(flag["ready_file"], dest="ready_file", metavar="PATH",
         help="write the listening addresses (and credentials) here as JSON once ready (ZEP_READY_FILE)")
+    add(flag["admin_address"], dest="admin_address", metavar="HOST:PORT",
+        help="serve /healthz, /readyz and /metrics here; off by default (ZEP_ADMIN_ADDRESS)")
     add(flag["no_proxy"], dest="no_proxy", action="append", metavar="HOSTS",
         help="more hosts for the jobs' NO_PROXY, comma-separated; repeatable (ZEP_NO_PROXY)")
     add(flag["enroll_token_file"], dest="enroll_token_file", metavar="FILE",

@@ -64,6 +64,7 @@ class Settings:
     enroll_token_file: str | None = None
     enroll_identity_out: str | None = None
     no_proxy: tuple[str, ...] = ()
+    admin_address: str | None = None  # "HOST:PORT" of the admin listener; None: off
 
     @property
     def auth_required(self) -> bool:
@@ -125,6 +126,7 @@ ENVIRONMENT = {
     "enroll_token_file": "ZEP_ENROLL_TOKEN_FILE",
     "enroll_identity_out": "ZEP_ENROLL_IDENTITY_OUT",
     "no_proxy": "ZEP_NO_PROXY",
+    "admin_address": "ZEP_ADMIN_ADDRESS",
 }
 
 # Setting name -> the variable naming a file that holds its value instead (a mounted Docker or
@@ -153,6 +155,7 @@ FLAGS.update(
     max_connections="--maxconn",
     socks_enabled="--socks",
     http_enabled="--http",
+    admin_address="--admin",
 )
 del FLAGS["enroll_token"]  # never a flag: everyone can read a process's command line
 
@@ -267,7 +270,7 @@ def _from_text(name: str, text: str, source: str) -> Any:
     if name == "egress_rules":
         return tuple(split_rules(text))
     if name in ("ziti_identity", "ready_file", "enroll_token", "enroll_token_file", "enroll_identity_out",
-                "upstream_proxy"):
+                "upstream_proxy", "admin_address"):
         return text.strip() or None
     if name == "no_proxy":
         return host_list(text)
@@ -357,6 +360,11 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
         raise ConfigError(f"{where('max_connections')} must be 0 or more (0: fit the open-files limit)")
     if s.max_head_bytes < 1024:
         raise ConfigError(f"{where('max_head_bytes')} must be at least 1024")
+    if s.admin_address is not None:
+        try:
+            split_host_port(s.admin_address)
+        except ValueError as exc:
+            raise ConfigError(f"{where('admin_address')} must be HOST:PORT (for example 127.0.0.1:9090): {exc}") from None
     given = [name for name in ("username", "password")
              if getattr(s, name) and _source_given(name, environ, flags) is not None]
     if s.no_auth and s.random_credentials:
@@ -403,6 +411,20 @@ def _check_identity_text(text: str, source: str) -> None:
         decode_identity(text, source)
     except ZitiSetupError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """`127.0.0.1:9090`, `[::1]:9090`, `localhost:0` -> (host, port); ValueError says what is wrong."""
+    host, colon, port_text = text.strip().rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"{text!r} has no host")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: put an IPv6 address in brackets")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r} has no port from 0 to 65535")
+    return host, int(port_text)
 
 
 def _is_loopback(host: str, source: str) -> bool:

@@ -112,7 +112,7 @@ class _Side:
 class Driver:
     __slots__ = (
         "ctx", "exchange", "_loop", "_timeouts", "_record", "_client", "_upstream", "_waiter", "_timer",
-        "_timer_when", "_wake_cb", "_timer_cb", "_drain_requested", "_held", "_ending", "_handed_over",
+        "_timer_when", "_wake_cb", "_timer_cb", "_drain_requested", "_held", "_ending", "_handed_over", "relaying",
         "_between_requests", "_destination", "_route",
     )
 
@@ -136,6 +136,7 @@ class Driver:
         self._held: Report | None = None  # a Log waiting for the client's queue to drain
         self._ending = False  # a Tunnel or Close is being carried out: the exchange has no more to say
         self._handed_over = False  # the relay owns the sockets
+        self.relaying = False  # a tunnel is being relayed (for the metrics)
         self._between_requests = False  # an entry was logged: the next one's clock starts with the next byte
 
     # ------------------------------------------------------------------------- the loop
@@ -406,7 +407,8 @@ class Driver:
         if not (dial.reuse and self._destination == (dial.host, dial.port) and _still_open(side)):
             self._close_upstream()
             try:
-                upstream = await self.ctx.router.connect(dial.host, dial.port)  # within the connect timeout
+                with self._record.timing_dial():
+                    upstream = await self.ctx.router.connect(dial.host, dial.port)  # within the connect timeout
             except DialError as exc:
                 return DialFailed(exc.failure, exc.detail)
             side.attach(upstream.sock, upstream.early_down)
@@ -457,7 +459,7 @@ class Driver:
         early_down = self._upstream.early
         client, upstream = self._client.sock, self._upstream.detach()
         assert client is not None and upstream is not None
-        self._handed_over = True
+        self._handed_over = self.relaying = True
         self._client.sent = 0  # an entry for a tunnel counts what was relayed
         try:
             result = await self.ctx.relay(client, upstream, to_upstream=tunnel.early, to_client=early_down,
@@ -468,6 +470,8 @@ class Driver:
         except RelayUnavailable as exc:  # zep's failure, not the client's (the relay closed both)
             self._emit(_replace(report, Outcome.INTERNAL_ERROR, str(exc)))
             return
+        finally:
+            self.relaying = False
         self._emit_tunnel(report, result)
 
     async def _close(self, close: Close) -> None:

@@ -38,6 +38,7 @@ class Ready:
     http: str | None
     credentials: Credentials | None
     no_proxy: tuple[str, ...] = ()  # hosts that jobs should reach without the proxy
+    admin: str | None = None  # the admin listener (health, readiness, metrics), when there is one
 
     def document(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pid": self.pid}
@@ -49,6 +50,8 @@ class Ready:
             out.update(username=self.credentials.username, password=self.credentials.password)
         if self.no_proxy:
             out["no_proxy"] = list(self.no_proxy)
+        if self.admin:
+            out["admin"] = self.admin
         return out
 
     @classmethod
@@ -58,7 +61,7 @@ class Ready:
             if document.get("username"):
                 credentials = Credentials(str(document["username"]), str(document["password"]))
             return cls(int(document["pid"]), document.get("socks5"), document.get("http"), credentials,
-                       tuple(str(host) for host in document.get("no_proxy", ())))
+                       tuple(str(host) for host in document.get("no_proxy", ())), document.get("admin"))
         except (AttributeError, KeyError, TypeError, ValueError):
             raise ReadyFileError(f"{path} ({SETTING}) is not a zep ready file") from None
 

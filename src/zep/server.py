@@ -61,6 +61,7 @@ class Listener:
     exchange: ExchangeFactory
     refusal: bytes  # what a connection over the limit is told before it is closed
     paused: bool = False  # accepts failed (out of fds) and are retried until the backlog drains
+    accepted: int = 0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -86,6 +87,12 @@ class ProxyServer:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    def accepted_by_listener(self) -> dict[str, int]:
+        return {listener.proto: listener.accepted for listener in self.listeners}
+
+    def tunnels_open(self) -> int:
+        return sum(driver.relaying for driver in self._connections.values())
 
     def listen(self, proto: str, port: int, exchange: ExchangeFactory, refusal: bytes = b"") -> Listener:
         sock = _bind(self.ctx.settings.proxy_host, port, _PORT_SETTINGS[proto])
@@ -114,6 +121,7 @@ class ProxyServer:
                                 "every %g s)", listener.proto, exc.strerror or exc, ACCEPT_RETRY)
                 listener.paused = True
                 return
+            listener.accepted += 1
             if len(self._connections) >= self.max_connections:
                 self._refuse(listener, conn, peer)
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import zep
 from zep import fdlimit, hardening, readyfile, relay
 from zep.auth import Credentials, random_credentials
-from zep.config import Settings
+from zep.config import Settings, split_host_port
 from zep.dial import Dialer
 from zep.proxy_env import remove_self_proxies
 from zep.readyfile import Ready, ReadyFileError
@@ -28,6 +29,9 @@ from zep.routing import Router, fallback_dialer
 
 if TYPE_CHECKING:
     from zep.server import ProxyServer
+    from zep.admin import AdminServer
+    from zep.metrics import Metrics
+    from zep.ziti import ZitiDialer
 
 log = logging.getLogger("zep")
 
@@ -64,35 +68,78 @@ def run_proxy(settings: Settings, job: Job | None = None) -> int:
     except ReadyFileError as exc:
         print(f"zep: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    dialers: list[Dialer] = []
-    ziti_runtime = None
-    if settings.ziti_configured:
-        from zep import ziti
-
-        try:
-            ziti_runtime = ziti.start(settings)
-        except ziti.ZitiSetupError as exc:
-            print(f"zep: error: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        dialers.append(ziti_runtime)
-    policy, upstream = settings.egress_policy(), settings.upstream()
-    if settings.fallback == "deny" and not policy.open:
-        log.warning("ZEP_EGRESS / --egress has no effect: with the fallback deny, nothing is dialed outside Ziti")
-    if upstream is not None and settings.fallback != "proxy":
-        log.warning("the upstream proxy %s is not used: the fallback is %s", upstream.label, settings.fallback)
-    fallback = fallback_dialer(settings.fallback, policy, upstream)
-    router = Router(dialers, fallback, settings.connect_timeout)
     try:
-        return uvloop.run(_serve(_fit_open_files(settings, open_files), router, job))
+        return uvloop.run(_start(settings, open_files, job))
     except (OSError, ReadyFileError) as exc:
         print(f"zep: error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+class _Signals:
+    """SIGTERM and SIGINT set `stop` (a job takes them over once it runs, see jobrun.py)."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._received, signum)
+
+    def _received(self, signum: int) -> None:
+        self.received.append(signum)
+        self.stop.set()
+
+
+@dataclasses.dataclass
+class _Status:
+    """What the admin listener reports: the metrics, and why zep is not ready (None once it is)."""
+
+    metrics: Metrics
+    not_ready: str | None = "opening listeners"
+    admin: str | None = None  # the admin listener's address
+    server: ProxyServer | None = None  # once the listeners are open
+
+    def why_not_ready(self) -> str | None:
+        if self.server is not None and self.server.draining:
+            return "draining"
+        return self.not_ready
+
+
+async def _start(settings: Settings, open_files: fdlimit.OpenFiles, job: Job | None) -> int:
+    """The admin listener first (so a probe can tell "starting" from "dead"), then the identities
+    (on a thread, the loop answering meanwhile), then the proxy."""
+    from zep.metrics import Metrics
+    from zep.ziti import ZitiSetupError
+
+    signals = _Signals()
+    status = _Status(Metrics(version=zep.__version__, relay=relay.IMPLEMENTATION, relay_stats=relay.stats))
+    admin = await _start_admin(settings, status) if settings.admin_address else None
+    ziti_runtime = None
+    try:
+        if settings.ziti_configured:
+            status.not_ready = "loading Ziti identities"
+            try:
+                ziti_runtime = await _start_ziti(settings, signals.stop)
+            except ZitiSetupError as exc:
+                print(f"zep: error: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+            if ziti_runtime is None:
+                return 128 + signals.received[0]
+            status.metrics.identities_loaded = len(ziti_runtime.identities)
+            status.metrics.set_sdk_version(ziti_runtime.sdk_version)
+            status.not_ready = "opening listeners"
+        settings = _fit_open_files(settings, open_files)
+        router = Router([ziti_runtime] if ziti_runtime else [], _fallback(settings), settings.connect_timeout)
+        return await _serve(settings, router, job, signals, status)
     finally:
+        if admin is not None:
+            admin.close()
         if ziti_runtime is not None:
             ziti_runtime.close()
 
 
-async def _serve(settings: Settings, router: Router, job: Job | None) -> int:
+async def _serve(settings: Settings, router: Router, job: Job | None, signals: _Signals, status: _Status) -> int:
+    from zep import accesslog
     from zep.http_exchange import OVERLOADED, HttpExchange
     from zep.server import Context, ProxyServer, format_address
     from zep.socks_exchange import Socks5Exchange
@@ -101,6 +148,11 @@ async def _serve(settings: Settings, router: Router, job: Job | None) -> int:
     credentials = proxy_credentials(settings)
     server = ProxyServer(Context(settings, router, relay.relay, credentials, relay.ready))
     digests = asyncio.create_task(write_digests(FailedLoginDigest(server.ctx.logins.holds)))
+    metrics = status.metrics
+    metrics.server, metrics.logins, metrics.max_connections = server, server.ctx.logins, server.max_connections
+    status.server = server
+    if status.admin is not None:  # nobody else reads the metrics
+        accesslog.subscribe(metrics.observe)
     try:
         socks = http = None
         if settings.socks_enabled:
@@ -113,13 +165,15 @@ async def _serve(settings: Settings, router: Router, job: Job | None) -> int:
     except BaseException:
         server.stop_accepting()
         raise
-    ready = Ready(os.getpid(), socks, http, credentials, settings.no_proxy)
+    ready = Ready(os.getpid(), socks, http, credentials, settings.no_proxy, status.admin)
+    status.not_ready = None
     log.info("zep %s ready: relay=%s, routes: %s, authentication %s", zep.__version__, relay.IMPLEMENTATION,
              _describe_routes(settings, router), _describe_authentication(settings, credentials))
     try:
         with readyfile.published(settings.ready_file, ready):
-            return await (job(ready) if job is not None else _until_stopped(server, settings.drain_timeout))
+            return await (job(ready) if job is not None else _until_stopped(server, settings.drain_timeout, signals))
     finally:
+        status.not_ready = "stopping"
         if server.open_connections:
             log.info("stopping: no new connections; closing %d open ones", server.open_connections)
         await server.shutdown()
@@ -127,12 +181,9 @@ async def _serve(settings: Settings, router: Router, job: Job | None) -> int:
         await asyncio.gather(digests, return_exceptions=True)
 
 
-async def _until_stopped(server: ProxyServer, drain_timeout: float) -> int:
+async def _until_stopped(server: ProxyServer, drain_timeout: float, signals: _Signals) -> int:
     """Until SIGTERM or SIGINT, then drain (a second signal stops at once)."""
-    signalled = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, signalled.set)
+    signalled = signals.stop
     await signalled.wait()
     signalled.clear()
     log.info("draining: no new connections; %d open ones may finish within %g s (ZEP_DRAIN_TIMEOUT), "
@@ -146,6 +197,47 @@ async def _until_stopped(server: ProxyServer, drain_timeout: float) -> int:
         await server.shutdown()
     await draining
     return 0
+
+
+async def _start_admin(settings: Settings, status: _Status) -> AdminServer:
+    from zep.admin import Admin, AdminServer, bind
+    from zep.server import format_address
+
+    assert settings.admin_address is not None
+    host, port = split_host_port(settings.admin_address)
+    admin = AdminServer(Admin(status.metrics, status.why_not_ready), bind(host, port), settings.http_request_timeout)
+    await admin.start()
+    status.admin = format_address(admin.address)
+    log.info("listening: admin on %s (/healthz, /readyz, /metrics)", status.admin)
+    if not ipaddress.ip_address(admin.address[0]).is_loopback:
+        log.info("the admin listener on %s is reachable from other machines: it serves health, readiness and "
+                 "metrics, never a proxy", status.admin)
+    return admin
+
+
+async def _start_ziti(settings: Settings, stop: asyncio.Event) -> ZitiDialer | None:
+    """The loaded identities' dialer; None when zep is told to stop first; raises ZitiSetupError."""
+    from zep import ziti
+
+    loading = asyncio.ensure_future(ziti.start_in_thread(settings))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not loading.done():
+        loading.cancel()
+        log.info("stopping while Ziti identities load")
+        return None
+    return loading.result()
+
+
+def _fallback(settings: Settings) -> Dialer | None:
+    """The dialer for what no Ziti service carries, by the fallback policy and the egress rules."""
+    policy, upstream = settings.egress_policy(), settings.upstream()
+    if settings.fallback == "deny" and not policy.open:
+        log.warning("ZEP_EGRESS / --egress has no effect: with the fallback deny, nothing is dialed outside Ziti")
+    if upstream is not None and settings.fallback != "proxy":
+        log.warning("the upstream proxy %s is not used: the fallback is %s", upstream.label, settings.fallback)
+    return fallback_dialer(settings.fallback, policy, upstream)
 
 
 def _fit_open_files(settings: Settings, open_files: fdlimit.OpenFiles) -> Settings:

@@ -54,6 +54,8 @@ class LoginThrottle:
         self.max_sources = max_sources
         self._clock = clock
         self._sources: OrderedDict[str, _Failures] = OrderedDict()
+        self.failures_total = 0
+        self.delayed_total = 0  # answers that were held (delay() > 0 when recorded)
 
     def __len__(self) -> int:
         return len(self._sources)
@@ -72,12 +74,16 @@ class LoginThrottle:
         return min(self.first_delay * 2.0 ** beyond, self.max_delay)
 
     def record(self, source: str, accepted: bool) -> None:
+        """The outcome of a login whose answer was held for delay(source)."""
+        if self.delay(source):
+            self.delayed_total += 1
         if accepted:
             self._sources.pop(source, None)
             return
         failures = self._current(source)
         if failures is None:
             failures = self._sources[source] = _Failures(0, 0.0)
+        self.failures_total += 1
         failures.count += 1
         failures.last = self._clock()
         self._sources.move_to_end(source)

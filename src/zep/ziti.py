@@ -377,7 +377,38 @@ def start(settings: Any) -> ZitiDialer:
     log.info("ziti ready: %d identit%s, OpenZiti C SDK %s; services are matched by intercept address per "
              "connection (the SDK does not list them)%s", len(loaded), "y" if len(loaded) == 1 else "ies",
              _text(version.version), f", and <service>{suffix} dials a service by name" if suffix else "")
-    return ZitiDialer(zitilib, loaded, suffix, private)
+    return ZitiDialer(zitilib, loaded, suffix, private, sdk_version=_text(version.version))
+
+
+async def start_in_thread(settings: Any) -> ZitiDialer:
+    """start() on a thread of its own, so the event loop (the admin listener) answers while identities
+    load. A daemon thread: if zep stops first, a load stuck in the SDK does not hold up the exit."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[ZitiDialer] = loop.create_future()
+
+    def settle(result: ZitiDialer | None, error: BaseException | None) -> None:
+        if done.cancelled():  # nobody waits for it any more
+            if result is not None:
+                result.close()
+        elif error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def load() -> None:
+        result, error = None, None
+        try:
+            result = start(settings)
+        except BaseException as exc:  # handed to the awaiting task
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is gone: zep is exiting
+            if result is not None:
+                result.close()
+
+    threading.Thread(target=load, name="zep-ziti-load", daemon=True).start()
+    return await done
 
 
 def _enroll_at_start(zitilib: Any, token: EnrollmentToken, out: str | None, timeout: float,
@@ -427,9 +458,10 @@ class ZitiDialer:
     """A Dialer over the loaded identities; `close()` shuts the SDK down and removes decoded files."""
 
     def __init__(self, zitilib: Any, identities: list[Identity], suffix: str,
-                 private: PrivateDirectory | None = None) -> None:
+                 private: PrivateDirectory | None = None, sdk_version: str = "unknown") -> None:
         self.identities = tuple(identities)
         self.suffix = suffix
+        self.sdk_version = sdk_version
         self._zitilib = zitilib
         self._private = private
         self._executor = concurrent.futures.ThreadPoolExecutor(DIAL_THREADS, thread_name_prefix="zep-ziti")

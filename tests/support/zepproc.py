@@ -21,10 +21,17 @@ READY_TIMEOUT = 30.0
 class ZepProcess:
     proc: subprocess.Popen
     log_path: Path
-    socks_port: int | None
-    http_port: int | None
-    ready_path: Path | None = None
+    ready_path: Path
+    socks_port: int | None = None  # the ports are known once ready (see wait_ready)
+    http_port: int | None = None
+    admin_port: int | None = None
     final_log: str | None = None  # kept once the process is gone and its directory removed
+
+    def wait_ready(self) -> None:
+        """Wait for the ready file and take the listening ports from it."""
+        info = _wait_ready(self.proc, self.ready_path, self.log_path)
+        self.socks_port, self.http_port, self.admin_port = (
+            _port(info.get("socks5")), _port(info.get("http")), _port(info.get("admin")))
 
     def log_text(self) -> str:
         if self.final_log is not None:
@@ -73,11 +80,12 @@ def zep_env(env: Mapping[str, str] | None = None, relay: str | None = None,
 def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | None = None,
               extra_pythonpath: Sequence[str] = (), default_args: bool = True,
               python: str = sys.executable, ready_path: Path | None = None,
-              preexec_fn: Callable[[], None] | None = None) -> Iterator[ZepProcess]:
+              preexec_fn: Callable[[], None] | None = None, wait_ready: bool = True) -> Iterator[ZepProcess]:
     """Start `python -m zep serve` and wait until it is listening (its ready file); stop it on exit.
 
     `python` may name another environment's interpreter (the benchmarks' baseline build);
-    `preexec_fn` runs in the child before zep starts (to lower a resource limit, say)."""
+    `preexec_fn` runs in the child before zep starts (to lower a resource limit, say). With
+    `wait_ready=False` the caller watches it start and calls `wait_ready()` itself."""
     with tempfile.TemporaryDirectory(prefix="zep-test-") as tmp:
         ready = ready_path or Path(tmp, "ready.json")
         log_path = Path(tmp, "zep.log")
@@ -89,15 +97,14 @@ def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | Non
             proc = subprocess.Popen(command, env=zep_env(env, relay, extra_pythonpath),
                                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     preexec_fn=preexec_fn)
-        zp = None
+        zp = ZepProcess(proc, log_path, ready)
         try:
-            info = _wait_ready(proc, ready, log_path)
-            zp = ZepProcess(proc, log_path, _port(info.get("socks5")), _port(info.get("http")), ready)
+            if wait_ready:
+                zp.wait_ready()
             yield zp
         finally:
             terminate(proc)
-            if zp is not None:
-                zp.final_log = log_path.read_text(errors="replace")
+            zp.final_log = log_path.read_text(errors="replace")
 
 
 def terminate(proc: subprocess.Popen) -> None:
