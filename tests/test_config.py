@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zep.cli import build_parser
-from zep.config import ConfigError, Settings, load_settings
+from zep.config import ConfigError, Settings, load_settings, split_host_port
 from tests.support.zepproc import run_zep, start_zep
 
 
@@ -208,3 +208,20 @@ def test_version_names_the_relay():
     assert result.returncode == 0
     assert result.stdout.startswith("zep ")
     assert "relay: " in result.stdout
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:9090", ("127.0.0.1", 9090)),
+    ("[::1]:0", ("::1", 0)),
+    ("localhost:9090", ("localhost", 9090)),
+    ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+])
+def test_admin_address_is_host_and_port(text, expected):
+    assert split_host_port(text) == expected
+    assert settings({"ZEP_ADMIN_ADDRESS": text}, "--direct").admin_address == text
+
+
+@pytest.mark.parametrize("text", ["9090", ":9090", "::1:9090", "host:", "host:http", "host:70000", "[::1]"])
+def test_admin_address_without_host_or_port_is_refused(text):
+    with pytest.raises(ConfigError, match="--admin must be HOST:PORT"):
+        settings({}, "--direct", "--admin", text)
