@@ -1,0 +1,155 @@
+"""The tenants file (`ZEP_TENANTS`): which teams share one zep, each with its own login and identities.
+
+```toml
+[[tenant]]
+name = "team-a"                        # letters, digits, '-', '_'; names the tenant in logs and metrics
+username = "team-a"                    # the proxy user name (default: the name)
+password_hash = "scrypt$14$8$1$..."    # from `zep hash-password`; or:
+# password_file = "/run/secrets/team-a-proxy-password"
+identities = ["/identities/team-a/*.json"]   # paths and globs, like ZITI_IDENTITIES; or:
+# identity_env = "TEAM_A_ZITI_IDENTITY"      # a variable holding the base64 of one identity
+fallback = "deny"                      # optional: this tenant's ZEP_FALLBACK
+egress = ["allow *.corp.example:443"]  # optional: this tenant's egress rules
+```
+
+Everything is checked here, so a mistake stops zep at start with one line that names the file,
+the tenant and the key. Nothing read here (hashes, passwords, identities) is ever logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from zep.config import FALLBACK_POLICIES, ConfigError
+from zep.passwords import BadHash, Verifier, check_hash_syntax
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_KEYS = {"name", "username", "password_hash", "password_file", "identities", "identity_env", "fallback", "egress"}
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    username: str
+    password_hash: str = field(repr=False)
+    identities: tuple[str, ...] = ()  # ZITI_IDENTITIES entries
+    identity_env: str | None = None  # name of a variable holding a base64 identity
+    fallback: str | None = None  # None: the global ZEP_FALLBACK
+    egress: tuple[str, ...] = ()
+
+    def verifier(self) -> Verifier:
+        return Verifier(self.username, self.password_hash)
+
+
+@dataclass(frozen=True)
+class Tenants:
+    path: str
+    tenants: tuple[Tenant, ...]
+
+    def by_username(self) -> dict[str, Tenant]:
+        return {tenant.username: tenant for tenant in self.tenants}
+
+
+def load_tenants(path: str, environ: Mapping[str, str] = os.environ) -> Tenants:
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"ZEP_TENANTS: {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"ZEP_TENANTS: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"ZEP_TENANTS: {path} is not valid TOML: {exc}") from None
+    return parse_tenants(document, path, environ)
+
+
+def parse_tenants(document: Mapping[str, Any], path: str, environ: Mapping[str, str] = os.environ) -> Tenants:
+    unknown = set(document) - {"tenant"}
+    if unknown:
+        raise ConfigError(f"ZEP_TENANTS: {path}: unknown top-level key {sorted(unknown)[0]!r} (expected [[tenant]] tables)")
+    tables = document.get("tenant")
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"ZEP_TENANTS: {path} defines no tenant (expected [[tenant]] tables)")
+    tenants = tuple(_tenant(table, index, path, environ) for index, table in enumerate(tables, 1))
+    for attribute in ("name", "username"):
+        seen: set[str] = set()
+        for tenant in tenants:
+            value = getattr(tenant, attribute)
+            if value in seen:
+                raise ConfigError(f"ZEP_TENANTS: {path}: two tenants have the {attribute} {value!r}")
+            seen.add(value)
+    return Tenants(path, tenants)
+
+
+def _tenant(table: Any, index: int, path: str, environ: Mapping[str, str]) -> Tenant:
+    where = f"ZEP_TENANTS: {path}: tenant {index}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} is not a table")
+    name = table.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"{where}: name must be 1-63 letters, digits, '-' or '_', starting with a letter or digit")
+    where = f"ZEP_TENANTS: {path}: tenant {name!r}"
+    unknown = set(table) - _KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    username = _string(table, "username", where, default=name)
+    password_hash = _password_hash(table, where)
+    identities = _strings(table, "identities", where)
+    identity_env = _string(table, "identity_env", where, default=None)
+    if identities and identity_env:
+        raise ConfigError(f"{where}: identities and identity_env are both set: use one")
+    if identity_env is not None and not environ.get(identity_env, "").strip():
+        raise ConfigError(f"{where}: identity_env names {identity_env}, which is not set")
+    fallback = _string(table, "fallback", where, default=None)
+    if fallback is not None:
+        fallback = fallback.lower()
+        if fallback not in FALLBACK_POLICIES:
+            raise ConfigError(f"{where}: fallback must be one of {', '.join(FALLBACK_POLICIES)}, not {fallback!r}")
+    return Tenant(name, username, password_hash, identities, identity_env, fallback, _strings(table, "egress", where))
+
+
+def _password_hash(table: dict, where: str) -> str:
+    has_hash, has_file = "password_hash" in table, "password_file" in table
+    if has_hash == has_file:
+        raise ConfigError(f"{where}: set exactly one of password_hash and password_file")
+    if has_hash:
+        text = _string(table, "password_hash", where)
+        try:
+            check_hash_syntax(text)
+        except BadHash as exc:
+            raise ConfigError(f"{where}: password_hash is {exc}") from None
+        return text
+    from zep.passwords import hash_password
+
+    file = _string(table, "password_file", where)
+    try:
+        with open(file, encoding="utf-8") as f:
+            password = f.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read password_file {file}: {exc.strerror}") from None
+    if not password:
+        raise ConfigError(f"{where}: password_file {file} is empty")
+    return hash_password(password)
+
+
+def _string(table: dict, key: str, where: str, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{where}: {key} is missing")
+        return default
+    value = table[key]
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: {key} must be a non-empty string")
+    return value.strip()
+
+
+def _strings(table: dict, key: str, where: str) -> tuple[str, ...]:
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{where}: {key} must be a list of non-empty strings")
+    return tuple(v.strip() for v in value)
