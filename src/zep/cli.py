@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--pid", dest="pid", type=int, metavar="PID",
                      help="with --wait: give up as soon as this process (the zep started in the background) exits")
     add_enroll_command(commands)
+    hashing = commands.add_parser("hash-password", help="print a salted hash of a password for the tenants file",
+                                  description="Reads the password from the terminal (asked twice) or, when "
+                                              "stdin is not a terminal, from stdin (one trailing newline is "
+                                              "dropped), and prints its scrypt hash for password_hash.")
+    hashing.add_argument("password", nargs="*", action=RefuseSecretArgument, help=argparse.SUPPRESS)
     return parser
 
 
@@ -155,6 +160,40 @@ class RefuseSecretFlag(argparse.Action):
                      "user; put it in ZITI_ENROLL_TOKEN or in a file for --enroll-token-file")
 
 
+class RefuseSecretArgument(argparse.Action):
+    """`zep hash-password SECRET` would put the password on the command line: refused, not repeated."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        if values:
+            parser.error("the password is not an argument: a command line is readable by every user; "
+                         "type it when asked, or pipe it to stdin")
+
+
+def hash_password_command() -> int:
+    """`zep hash-password`: the hash on stdout; the password never on a command line or in a log."""
+    import getpass
+
+    from zep.passwords import hash_password, password_from_text
+
+    if sys.stdin.isatty():
+        try:
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Again: ") != password:
+                print("zep: error: the two passwords differ", file=sys.stderr)
+                return EXIT_CONFIG
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return EXIT_CONFIG
+    else:
+        password = password_from_text(sys.stdin.read())
+    if not password:
+        print("zep: error: the password is empty", file=sys.stderr)
+        return EXIT_CONFIG
+    print(hash_password(password))
+    return 0
+
+
 def add_enroll_command(commands: argparse._SubParsersAction) -> None:
     enroll = commands.add_parser("enroll", help="turn a one-time enrollment token into an identity file",
                                  description="Enroll with the controller named in the token and write the "
@@ -204,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return print_env(args)
     if args.command == "enroll":
         return enroll_command(args)
+    if args.command == "hash-password":
+        return hash_password_command()
     flags = {key: value for key, value in vars(args).items() if key != "command"}
     try:
         settings = load_settings(os.environ, flags, RUN_DEFAULTS if args.command == "run" else None)

@@ -31,6 +31,14 @@ def hash_password(password: str) -> str:
     return "$".join((_SCHEME, str(_LOG2_N), str(_R), str(_P), _b64(salt), _b64(key)))
 
 
+def password_from_text(text: str) -> str:
+    """A password as read from a file or a pipe: one trailing line ending is not part of it."""
+    for ending in ("\r\n", "\n"):
+        if text.endswith(ending):
+            return text[: -len(ending)]
+    return text
+
+
 def check_hash_syntax(text: str) -> None:
     _parse(text)
 
