@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import textwrap
 
 import pytest
 
-from zep.config import ConfigError
+from zep.config import ConfigError, Settings
 from zep.passwords import BadHash, Verifier, check_hash_syntax, hash_password, verify_password
-from zep.tenants import load_tenants
+from zep.tenant_login import Accepted, TenantLogins
+from zep.tenants import Tenant, front_settings, load_tenants
 
 HASH = hash_password("s3cret")
 
@@ -106,3 +108,71 @@ def test_every_mistake_names_the_file_tenant_and_key(tmp_path, body, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_tenants(os.fspath(tmp_path / "none.toml"), {})
+
+
+def test_the_front_s_name_is_reserved(tmp_path):
+    path = write(tmp_path, f'[[tenant]]\nname = "front"\npassword_hash = "{HASH}"\n')
+    with pytest.raises(ConfigError, match="'front' is zep's own"):
+        load_tenants(path, {})
+
+
+def test_a_bad_egress_rule_names_the_tenant_and_the_rule(tmp_path):
+    path = write(tmp_path, f'[[tenant]]\nname = "a"\npassword_hash = "{HASH}"\negress = ["allow *:443", "permit x"]\n')
+    with pytest.raises(ConfigError, match="""tenant 'a': egress: egress rule 2 "permit x": the action"""):
+        load_tenants(path, {})
+
+
+def test_worker_settings_carry_only_the_tenant_s_identities_fallback_and_rules(tmp_path):
+    path = write(tmp_path, f"""
+        [[tenant]]
+        name = "team-a"
+        password_hash = "{HASH}"
+        identities = ["/ids/a/*.json"]
+        egress = ["allow *.a.example:443"]
+
+        [[tenant]]
+        name = "team-b"
+        password_hash = "{HASH}"
+        identity_env = "TEAM_B_IDENTITY"
+        fallback = "deny"
+    """)
+    environ = {"TEAM_B_IDENTITY": "e30="}
+    a, b = load_tenants(path, environ).tenants
+    settings = Settings(egress_rules=("deny *",), username="", password="", ready_file="/r.json")
+    sa, sb = a.worker_settings(settings, environ), b.worker_settings(settings, environ)
+    assert (sa.ziti_identities, sa.ziti_identity, sa.fallback) == (("/ids/a/*.json",), None, "direct")
+    assert sa.egress_rules == ("allow *.a.example:443", "deny *")  # the tenant's first
+    assert (sb.ziti_identities, sb.ziti_identity, sb.fallback, sb.egress_rules) == ((), "e30=", "deny", ("deny *",))
+    for derived in (sa, sb):
+        assert (derived.username, derived.password, derived.ready_file) == ("", "", None)
+    with pytest.raises(ConfigError, match="tenant 'team-a': fallback proxy needs an upstream proxy"):
+        dataclasses.replace(a, fallback="proxy").worker_settings(settings, environ)
+
+
+def test_front_settings_hold_no_identity():
+    settings = Settings(ziti_identities=("/x.json",), ziti_identity="e30=", enroll_token="t")
+    front = front_settings(settings)
+    assert not front.ziti_configured and not front.auth_required
+
+
+def test_logins_find_the_tenant_by_user_name_and_name_only_known_users():
+    other = hash_password("b-pass")
+    logins = TenantLogins([Tenant("team-a", "a-ci", HASH), Tenant("team-b", "b-ci", other)])
+    login = logins.login()
+    assert not login.matches("a-ci", "b-pass") and login.accepted is None
+    assert login.matches(b"b-ci", b"b-pass")
+    assert login.accepted == Accepted("team-b", "b-ci", "b-pass")
+    assert "b-pass" not in repr(login.accepted)
+    assert not logins.login().matches("nobody", "s3cret")
+    assert (login.login_name("a-ci"), login.login_name("nobody"), login.login_name("b-pass")) == ("a-ci", "?", "?")
+
+
+def test_a_remembered_pair_is_accepted_without_checking_it_again():
+    """What the front accepted is passed on to the worker, whose verifier takes it as is (the
+    password here is deliberately not the hash's: only remembering can accept it)."""
+    logins = TenantLogins([Tenant("team-a", "a-ci", HASH)])
+    assert not logins.login().matches("a-ci", "not-the-password")
+    logins.remember("a-ci", "not-the-password")
+    logins.remember("someone-else", "x")  # not this tenant's user: ignored
+    assert logins.login().matches("a-ci", "not-the-password")
+    assert not logins.login().matches("someone-else", "x")

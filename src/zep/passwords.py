@@ -61,7 +61,7 @@ class Verifier:
     def matches(self, username: str | bytes, password: str | bytes) -> bool:
         user = _utf8(username)
         user_ok = hmac.compare_digest(user, _utf8(self.username))
-        digest = hmac.new(self._secret, user + b"\0" + _utf8(password), hashlib.sha256).digest()
+        digest = self._digest(user, password)
         if digest in self._accepted:  # only accepted pairs are remembered, so the user name is right
             self._accepted.move_to_end(digest)
             return True
@@ -69,10 +69,24 @@ class Verifier:
             return False
         if not verify_password(password, self._hash):
             return False
+        self._keep(digest)
+        return True
+
+    def remember(self, username: str | bytes, password: str | bytes) -> None:
+        """Accept this pair from now on without checking it: another zep process (the front) has
+        checked it against the same hash."""
+        user = _utf8(username)
+        if hmac.compare_digest(user, _utf8(self.username)):
+            self._keep(self._digest(user, password))
+
+    def _digest(self, user: bytes, password: str | bytes) -> bytes:
+        return hmac.new(self._secret, user + b"\0" + _utf8(password), hashlib.sha256).digest()
+
+    def _keep(self, digest: bytes) -> None:
         self._accepted[digest] = None
+        self._accepted.move_to_end(digest)
         if len(self._accepted) > _REMEMBERED:
             self._accepted.popitem(last=False)
-        return True
 
 
 def _derive(password: str | bytes, salt: bytes, log2_n: int, r: int, p: int) -> bytes:

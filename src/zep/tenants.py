@@ -9,7 +9,7 @@ password_hash = "scrypt$14$8$1$..."    # from `zep hash-password`; or:
 identities = ["/identities/team-a/*.json"]   # paths and globs, like ZITI_IDENTITIES; or:
 # identity_env = "TEAM_A_ZITI_IDENTITY"      # a variable holding the base64 of one identity
 fallback = "deny"                      # optional: this tenant's ZEP_FALLBACK
-egress = ["allow *.corp.example:443"]  # optional: this tenant's egress rules
+egress = ["allow *.corp.example:443"]  # optional: this tenant's egress rules, before the global ones
 ```
 
 Everything is checked here, so a mistake stops zep at start with one line that names the file,
@@ -18,6 +18,7 @@ the tenant and the key. Nothing read here (hashes, passwords, identities) is eve
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -25,10 +26,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from zep.config import FALLBACK_POLICIES, ConfigError
-from zep.passwords import BadHash, Verifier, check_hash_syntax
+from zep.config import FALLBACK_POLICIES, ConfigError, Settings
+from zep.egress import EgressPolicy
+from zep.passwords import BadHash, Verifier, check_hash_syntax, hash_password, password_from_text
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+FRONT = "front"  # the process that accepts for all tenants; no tenant may take its name
 _KEYS = {"name", "username", "password_hash", "password_file", "identities", "identity_env", "fallback", "egress"}
 
 
@@ -45,6 +48,19 @@ class Tenant:
     def verifier(self) -> Verifier:
         return Verifier(self.username, self.password_hash)
 
+    def worker_settings(self, settings: Settings, environ: Mapping[str, str]) -> Settings:
+        """The settings of this tenant's worker: its identities, its fallback (else the global one),
+        its egress rules before the global ones, no proxy password (it checks this tenant's hash),
+        no tenants file. Raises ConfigError when the tenant needs what the settings lack."""
+        fallback = self.fallback or settings.fallback
+        if fallback == "proxy" and not settings.upstream_proxy:
+            raise ConfigError(f"ZEP_TENANTS: tenant {self.name!r}: fallback proxy needs an upstream proxy: set "
+                              "ZEP_UPSTREAM_PROXY or --upstream-proxy")
+        identity = environ[self.identity_env] if self.identity_env else None
+        return dataclasses.replace(
+            settings, ziti_identities=self.identities, ziti_identity=identity, fallback=fallback,
+            egress_rules=self.egress + settings.egress_rules, username="", password="", ready_file=None)
+
 
 @dataclass(frozen=True)
 class Tenants:
@@ -53,6 +69,13 @@ class Tenants:
 
     def by_username(self) -> dict[str, Tenant]:
         return {tenant.username: tenant for tenant in self.tenants}
+
+
+def front_settings(settings: Settings) -> Settings:
+    """The settings of the front: the listeners, no identity ever, no proxy password of its own."""
+    return dataclasses.replace(settings, ziti_identities=(), ziti_identity=None, enroll_token=None,
+                               enroll_token_file=None, enroll_identity_out=None, username="", password="",
+                               ready_file=None)
 
 
 def load_tenants(path: str, environ: Mapping[str, str] = os.environ) -> Tenants:
@@ -93,6 +116,8 @@ def _tenant(table: Any, index: int, path: str, environ: Mapping[str, str]) -> Te
     name = table.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError(f"{where}: name must be 1-63 letters, digits, '-' or '_', starting with a letter or digit")
+    if name == FRONT:
+        raise ConfigError(f"{where}: the name {FRONT!r} is zep's own (its front process): choose another")
     where = f"ZEP_TENANTS: {path}: tenant {name!r}"
     unknown = set(table) - _KEYS
     if unknown:
@@ -110,7 +135,12 @@ def _tenant(table: Any, index: int, path: str, environ: Mapping[str, str]) -> Te
         fallback = fallback.lower()
         if fallback not in FALLBACK_POLICIES:
             raise ConfigError(f"{where}: fallback must be one of {', '.join(FALLBACK_POLICIES)}, not {fallback!r}")
-    return Tenant(name, username, password_hash, identities, identity_env, fallback, _strings(table, "egress", where))
+    egress = _strings(table, "egress", where)
+    try:
+        EgressPolicy.parse(egress)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: egress: {exc}") from None
+    return Tenant(name, username, password_hash, identities, identity_env, fallback, egress)
 
 
 def _password_hash(table: dict, where: str) -> str:
@@ -124,12 +154,10 @@ def _password_hash(table: dict, where: str) -> str:
         except BadHash as exc:
             raise ConfigError(f"{where}: password_hash is {exc}") from None
         return text
-    from zep.passwords import hash_password
-
     file = _string(table, "password_file", where)
     try:
-        with open(file, encoding="utf-8") as f:
-            password = f.read().rstrip("\r\n")
+        with open(file, encoding="utf-8", errors="surrogateescape") as f:
+            password = password_from_text(f.read())
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read password_file {file}: {exc.strerror}") from None
     if not password:
