@@ -11,6 +11,15 @@ import binascii
 import hmac
 import secrets
 from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Authenticator(Protocol):
+    """What an exchange checks logins with: `Credentials`, or a tenant's (zep.tenant_login)."""
+
+    def matches(self, username: str | bytes, password: str | bytes) -> bool: ...
+
+    def login_name(self, offered: str) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,11 @@ class Credentials:
         user_ok = hmac.compare_digest(_utf8(username), _utf8(self.username))
         password_ok = hmac.compare_digest(_utf8(password), _utf8(self.password))
         return user_ok & password_ok
+
+    def login_name(self, offered: str) -> str:
+        """What the access log may say about a user name that failed to log in: only a configured
+        name, else "?" (people type passwords into user-name fields)."""
+        return offered if offered == self.username else "?"
 
 
 def random_credentials() -> Credentials:

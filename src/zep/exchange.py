@@ -213,8 +213,3 @@ def authority(host: str, port: int) -> str:
     """host:port as access lines show it, IPv6 in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-
-def login_name(offered: str, configured: str) -> str:
-    """What the access log may say about a user name that failed to log in: only a configured
-    name, else "?" (people type passwords into user-name fields)."""
-    return offered if offered == configured else "?"

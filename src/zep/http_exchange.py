@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from zep import httpproxy
 from zep.accesslog import dial_outcome
-from zep.auth import Credentials, parse_basic
+from zep.auth import Authenticator, parse_basic
 from zep.dial import Failure
 from zep.exchange import (
     CLIENT,
@@ -51,7 +51,6 @@ from zep.exchange import (
     UpstreamEof,
     UpstreamError,
     authority,
-    login_name,
 )
 from zep.httpproxy import BadMessage, BodyChunk, MessageEnd, RequestEvent, RequestHead, ResponseEvent, ResponseHead
 from zep.outcome import Outcome
@@ -71,7 +70,7 @@ class _Phase(enum.Enum):
 
 
 class HttpExchange:
-    def __init__(self, credentials: Credentials | None, max_head_bytes: int) -> None:
+    def __init__(self, credentials: Authenticator | None, max_head_bytes: int) -> None:
         self.wants_client = True
         self.wants_upstream = False
         self._credentials = credentials
@@ -194,7 +193,7 @@ class HttpExchange:
             reason = "no proxy credentials"
         else:
             reason = "proxy credentials not accepted"
-            self._user = login_name(given[0], credentials.username)
+            self._user = credentials.login_name(given[0])
         return self._refuse(407, reason, Outcome.AUTH_FAILED, headers=[PROXY_AUTHENTICATE])
 
     def _dialed(self, dialed: Dialed) -> list[Command]:

@@ -20,7 +20,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from .auth import Credentials
+from .auth import Authenticator
 from .text import printable
 
 SUCCEEDED = 0x00
@@ -87,7 +87,7 @@ class _Phase(enum.Enum):
 
 
 class Socks5Handshake:
-    def __init__(self, credentials: Credentials | None) -> None:
+    def __init__(self, credentials: Authenticator | None) -> None:
         self._credentials = credentials
         self._buffer = bytearray()
         self._phase = _Phase.GREETING

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from zep import socks5
 from zep.accesslog import dial_outcome
-from zep.auth import Credentials
+from zep.auth import Authenticator
 from zep.dial import Failure
 from zep.exchange import (
     HTTP_REQUEST,
@@ -27,7 +27,6 @@ from zep.exchange import (
     TimerFired,
     Tunnel,
     authority,
-    login_name,
 )
 from zep.outcome import Outcome
 
@@ -39,7 +38,7 @@ _LOGIN_ANSWERS = {b"\x01\x00": True, b"\x01\x01": False}
 class Socks5Exchange:
     __slots__ = ("wants_client", "wants_upstream", "_credentials", "_handshake", "_request", "_target")
 
-    def __init__(self, credentials: Credentials | None) -> None:
+    def __init__(self, credentials: Authenticator | None) -> None:
         self.wants_client = True
         self.wants_upstream = False
         self._credentials = credentials
@@ -102,7 +101,7 @@ class Socks5Exchange:
         offered = self._handshake.offered_username
         if offered is None or self._credentials is None:
             return "-"
-        return login_name(offered, self._credentials.username)
+        return self._credentials.login_name(offered)
 
     def _end(self, outcome: Outcome, detail: str, *, user: str = "-", route: str = "-") -> list[Command]:
         self.wants_client = False
