@@ -74,7 +74,9 @@ log = logging.getLogger("zep.driver")
 
 RECV_SIZE = 65536
 _LINGER_RESET = struct.pack("ii", 1, 0)
-_FINISHED = object()  # what _execute returns when the connection is over
+# What _execute returns when the connection is over (also a subclass's _dial that took the
+# connection elsewhere: zep.front).
+FINISHED = object()
 _CLIENT_EOF, _UPSTREAM_EOF = ClientEof(), UpstreamEof()
 
 
@@ -146,7 +148,7 @@ class Driver:
             commands = self.exchange.start()
             while True:
                 result = await self._execute(commands)
-                if result is _FINISHED:
+                if result is FINISHED:
                     return
                 event = result if result is not None else await self._next_event()
                 commands = self.exchange.handle(event)
@@ -169,7 +171,7 @@ class Driver:
         self._wake()
 
     async def _execute(self, commands: list[Command]) -> object:
-        """Carry out commands in order; returns an event to handle at once, _FINISHED, or None."""
+        """Carry out commands in order; returns an event to handle at once, FINISHED, or None."""
         for command in commands:
             kind = type(command)
             if kind is SendClient:
@@ -193,10 +195,10 @@ class Driver:
                 self._close_upstream()
             elif kind is Tunnel:
                 await self._tunnel(command)
-                return _FINISHED
+                return FINISHED
             elif kind is Close:
                 await self._close(command)
-                return _FINISHED
+                return FINISHED
             else:
                 raise TypeError(f"unknown command {command!r}")
         return None
@@ -521,7 +523,7 @@ class Driver:
         record.up, record.down = record.up + self._upstream.sent, record.down + self._client.sent
         self._upstream.sent = self._client.sent = 0
         record.emit()
-        self._record = AccessRecord(record.client, record.proto)
+        self._record = AccessRecord(record.client, record.proto, tenant=record.tenant)
         self._between_requests = True
 
     def _emit_held(self, outcome: Outcome, detail: str) -> None:

@@ -52,6 +52,7 @@ class Context:
 
 
 ExchangeFactory = Callable[[Context], Exchange]
+DriverFactory = Callable[[Context, socket.socket, AccessRecord, Exchange], Driver]
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Listener:
     refusal: bytes  # what a connection over the limit is told before it is closed
     paused: bool = False  # accepts failed (out of fds) and are retried until the backlog drains
     accepted: int = 0
+    driver: DriverFactory = Driver
 
     @property
     def address(self) -> tuple[str, int]:
@@ -79,6 +81,7 @@ class ProxyServer:
         # 0 (the default): as many as the open-files limit carries, as `zep serve` works out at start.
         self.max_connections = ctx.settings.max_connections or fdlimit.max_connections_for(
             fdlimit.current_limit(), ctx.settings.ziti_configured)
+        self._other_sources: list[Callable[[], None]] = []  # how to close them (a tenant's hand-off socket)
 
     @property
     def open_connections(self) -> int:
@@ -94,9 +97,10 @@ class ProxyServer:
     def tunnels_open(self) -> int:
         return sum(driver.relaying for driver in self._connections.values())
 
-    def listen(self, proto: str, port: int, exchange: ExchangeFactory, refusal: bytes = b"") -> Listener:
+    def listen(self, proto: str, port: int, exchange: ExchangeFactory, refusal: bytes = b"",
+               driver: DriverFactory = Driver) -> Listener:
         sock = _bind(self.ctx.settings.proxy_host, port, _PORT_SETTINGS[proto])
-        listener = Listener(proto, sock, exchange, refusal)
+        listener = Listener(proto, sock, exchange, refusal, driver=driver)
         self.listeners.append(listener)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_all, listener)
         log.info("listening: %s on %s", proto, format_address(listener.address))
@@ -128,10 +132,13 @@ class ProxyServer:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             record = AccessRecord(format_address(peer), listener.proto)
-            driver = Driver(self.ctx, conn, record, listener.exchange(self.ctx))
-            task = loop.create_task(driver.run())
-            self._connections[task] = driver
-            task.add_done_callback(self._forget)
+            self.serve_connection(listener.driver(self.ctx, conn, record, listener.exchange(self.ctx)))
+
+    def serve_connection(self, driver: Driver) -> None:
+        """Run a connection's driver until it ends; drained and shut down with the others."""
+        task = asyncio.get_running_loop().create_task(driver.run())
+        self._connections[task] = driver
+        task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         del self._connections[task]
@@ -162,6 +169,12 @@ class ProxyServer:
         for listener in self.listeners:
             loop.remove_reader(listener.sock.fileno())
             listener.sock.close()
+        for close in self._other_sources:
+            close()
+
+    def add_source(self, close: Callable[[], None]) -> None:
+        """Connections also come from elsewhere (serve_connection); `close` stops them with the listeners."""
+        self._other_sources.append(close)
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting at once; let tunnels and requests in flight finish within `timeout`

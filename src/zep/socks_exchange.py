@@ -57,7 +57,7 @@ class Socks5Exchange:
             return self._tunnel(event)
         if kind is DialFailed:
             return [SendClient(socks5.connect_reply(event.failure.socks_reply)),
-                    *self._end(dial_outcome(event.failure), event.detail,
+                    *self._end(dial_outcome(event.failure), event.detail, user=self._handshake.username or "-",
                                route="deny" if event.failure is Failure.NOT_ALLOWED else "-")]
         if kind is ClientEof:
             return self._end(Outcome.CLIENT_CLOSED, "client closed during the SOCKS5 handshake")
