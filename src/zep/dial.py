@@ -29,6 +29,7 @@ class Failure(enum.Enum):
     HOST_UNREACHABLE = (0x04, 502)
     REFUSED = (0x05, 502)
     TIMEOUT = (0x06, 504)
+    UNAVAILABLE = (0x01, 503)  # zep cannot carry it now: the tenant's worker is down or restarting
 
     def __init__(self, socks_reply: int, http_status: int) -> None:
         self.socks_reply = socks_reply

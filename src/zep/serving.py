@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import zep
 from zep import fdlimit, hardening, readyfile, relay
@@ -48,7 +48,7 @@ def proxy_credentials(settings: Settings) -> Credentials | None:
     return Credentials(settings.username, settings.password) if settings.auth_required else None
 
 
-def run_proxy(settings: Settings, job: Job | None = None) -> int:
+def run_proxy(settings: Settings, job: Job | None = None, connections: Connections | None = None) -> int:
     """Serve until stopped (no job) or until `job` returns; the exit status."""
     import uvloop
 
@@ -69,7 +69,7 @@ def run_proxy(settings: Settings, job: Job | None = None) -> int:
         print(f"zep: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        return uvloop.run(_start(settings, open_files, job))
+        return uvloop.run(_start(settings, open_files, job, connections or Listeners()))
     except (OSError, ReadyFileError) as exc:
         print(f"zep: error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -105,7 +105,8 @@ class _Status:
         return self.not_ready
 
 
-async def _start(settings: Settings, open_files: fdlimit.OpenFiles, job: Job | None) -> int:
+async def _start(settings: Settings, open_files: fdlimit.OpenFiles, job: Job | None,
+                 connections: Connections) -> int:
     """The admin listener first (so a probe can tell "starting" from "dead"), then the identities
     (on a thread, the loop answering meanwhile), then the proxy."""
     from zep.metrics import Metrics
@@ -130,7 +131,7 @@ async def _start(settings: Settings, open_files: fdlimit.OpenFiles, job: Job | N
             status.not_ready = "opening listeners"
         settings = _fit_open_files(settings, open_files)
         router = Router([ziti_runtime] if ziti_runtime else [], _fallback(settings), settings.connect_timeout)
-        return await _serve(settings, router, job, signals, status)
+        return await _serve(settings, router, job, signals, status, connections)
     finally:
         if admin is not None:
             admin.close()
@@ -138,11 +139,43 @@ async def _start(settings: Settings, open_files: fdlimit.OpenFiles, job: Job | N
             ziti_runtime.close()
 
 
-async def _serve(settings: Settings, router: Router, job: Job | None, signals: _Signals, status: _Status) -> int:
+class Connections(Protocol):
+    """Where a zep process's connections come from: its own listeners, or (tenants) the front's
+    listeners that hand off (zep.front) and a tenant worker's hand-off socket (zep.tenant_worker)."""
+
+    def open(self, server: ProxyServer) -> tuple[str | None, str | None]: ...  # SOCKS5 and HTTP addresses
+
+    def describe(self, settings: Settings, router: Router, credentials: Credentials | None) -> str: ...
+
+
+class Listeners:
+    """The SOCKS5 and HTTP listeners, each connection driven with its protocol's exchange."""
+
+    def open(self, server: ProxyServer) -> tuple[str | None, str | None]:
+        from zep.http_exchange import OVERLOADED, HttpExchange
+        from zep.server import format_address
+        from zep.socks_exchange import Socks5Exchange
+
+        settings = server.ctx.settings
+        socks = http = None
+        if settings.socks_enabled:
+            listener = server.listen("socks5", settings.socks_port, lambda ctx: Socks5Exchange(ctx.credentials))
+            socks = format_address(listener.address)
+        if settings.http_enabled:
+            listener = server.listen("http", settings.http_port,
+                                     lambda ctx: HttpExchange(ctx.credentials, ctx.settings.max_head_bytes), OVERLOADED)
+            http = format_address(listener.address)
+        return socks, http
+
+    def describe(self, settings: Settings, router: Router, credentials: Credentials | None) -> str:
+        return (f"routes: {describe_routes(settings, router)}, "
+                f"authentication {_describe_authentication(settings, credentials)}")
+
+
+async def _serve(settings: Settings, router: Router, job: Job | None, signals: _Signals, status: _Status,
+                 connections: Connections) -> int:
     from zep import accesslog
-    from zep.http_exchange import OVERLOADED, HttpExchange
-    from zep.server import Context, ProxyServer, format_address
-    from zep.socks_exchange import Socks5Exchange
+    from zep.server import Context, ProxyServer
     from zep.throttle import FailedLoginDigest, write_digests
 
     credentials = proxy_credentials(settings)
@@ -154,21 +187,14 @@ async def _serve(settings: Settings, router: Router, job: Job | None, signals: _
     if status.admin is not None:  # nobody else reads the metrics
         accesslog.subscribe(metrics.observe)
     try:
-        socks = http = None
-        if settings.socks_enabled:
-            listener = server.listen("socks5", settings.socks_port, lambda ctx: Socks5Exchange(ctx.credentials))
-            socks = format_address(listener.address)
-        if settings.http_enabled:
-            listener = server.listen("http", settings.http_port,
-                                     lambda ctx: HttpExchange(ctx.credentials, ctx.settings.max_head_bytes), OVERLOADED)
-            http = format_address(listener.address)
+        socks, http = connections.open(server)
     except BaseException:
         server.stop_accepting()
         raise
     ready = Ready(os.getpid(), socks, http, credentials, settings.no_proxy, status.admin)
     status.not_ready = None
-    log.info("zep %s ready: relay=%s, routes: %s, authentication %s", zep.__version__, relay.IMPLEMENTATION,
-             _describe_routes(settings, router), _describe_authentication(settings, credentials))
+    log.info("zep %s ready: relay=%s, %s", zep.__version__, relay.IMPLEMENTATION,
+             connections.describe(settings, router, credentials))
     try:
         with readyfile.published(settings.ready_file, ready):
             return await (job(ready) if job is not None else _until_stopped(server, settings.drain_timeout, signals))
@@ -256,7 +282,7 @@ def _fit_open_files(settings: Settings, open_files: fdlimit.OpenFiles) -> Settin
     return settings
 
 
-def _describe_routes(settings: Settings, router: Router) -> str:
+def describe_routes(settings: Settings, router: Router) -> str:
     first = "Ziti services first, anything else" if router.dialers else "every destination (--direct)"
     if settings.fallback == "deny":
         return f"{first}: deny"

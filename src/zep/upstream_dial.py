@@ -21,7 +21,8 @@ from zep.upstream import UpstreamProxy
 
 ROUTE = "proxy"
 MAX_RESPONSE_HEAD = 16384
-_SOCKS_FAILURES = {failure.socks_reply: failure for failure in Failure}
+# A SOCKS5 reply code read from an upstream proxy (0x01 is its general failure, never UNAVAILABLE).
+_SOCKS_FAILURES = {failure.socks_reply: failure for failure in Failure if failure is not Failure.UNAVAILABLE}
 _HTTP_FAILURES = {403: Failure.NOT_ALLOWED, 502: Failure.HOST_UNREACHABLE, 504: Failure.TIMEOUT}
 
 
