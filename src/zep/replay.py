@@ -11,7 +11,7 @@ dial, now through the tenant's own router).
 
 from __future__ import annotations
 
-from zep.exchange import ClientData, Close, Command, Event, Exchange, Log, Report, SendClient
+from zep.exchange import ClientData, Close, Command, Event, Exchange, Log, Login, Report, SendClient
 from zep.outcome import Outcome
 
 
@@ -60,8 +60,9 @@ class Recorder(_Wrapper):
 class Replay(_Wrapper):
     """The worker's exchange for a handed-off connection: `inner` (fresh) is fed `received` at
     start, and the first `len(sent)` bytes it sends the client are dropped, once checked to be
-    exactly `sent`. Were they not (the two processes disagree), the connection is reset rather
-    than the client given a corrupted stream. Afterwards it is the inner exchange itself."""
+    exactly `sent`; so is its Login (the throttle counted it in the front). Were the bytes not the
+    same (the two processes disagree), the connection is reset rather than the client given a
+    corrupted stream. Afterwards it is the inner exchange itself."""
 
     __slots__ = ("_received", "_sent")
 
@@ -84,7 +85,7 @@ class Replay(_Wrapper):
                 self._sent = sent[n:]
                 if len(data) > n:
                     out.append(SendClient(data[n:]))
-            else:
+            elif type(command) is not Login:  # the front's throttle has counted that login already
                 out.append(command)
         # The front hands off when its exchange asks to dial, after everything it said: the
         # replay, which ends at the same point, has said it all too.
