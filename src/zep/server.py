@@ -72,8 +72,9 @@ class Listener:
 
 
 class ProxyServer:
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, *, reuse_port: bool = False) -> None:
         self.ctx = ctx
+        self.reuse_port = reuse_port  # worker processes share each port (see bind_socket)
         self.listeners: list[Listener] = []
         self._connections: dict[asyncio.Task[None], Driver] = {}
         self._stopped = False
@@ -99,7 +100,7 @@ class ProxyServer:
 
     def listen(self, proto: str, port: int, exchange: ExchangeFactory, refusal: bytes = b"",
                driver: DriverFactory = Driver) -> Listener:
-        sock = _bind(self.ctx.settings.proxy_host, port, _PORT_SETTINGS[proto])
+        sock = bind_socket(self.ctx.settings.proxy_host, port, PORT_SETTINGS[proto], reuse_port=self.reuse_port)
         listener = Listener(proto, sock, exchange, refusal, driver=driver)
         self.listeners.append(listener)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_all, listener)
@@ -202,19 +203,30 @@ async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-_PORT_SETTINGS = {"socks5": "socks_port", "http": "http_port"}
+PORT_SETTINGS = {"socks5": "socks_port", "http": "http_port"}  # the setting a listener's error names
 
 
-def _bind(host: str, port: int, setting: str) -> socket.socket:
+def bind_socket(host: str, port: int, setting: str, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A non-blocking TCP socket bound to (host, port), listening unless `listen` is false; the
+    error when the port is taken says which setting to change.
+
+    `reuse_port`: SO_REUSEPORT, so that the listeners of several worker processes share the port and
+    the kernel spreads new connections over them. A socket that is bound but not listening holds
+    the port without joining that group (Linux adds a socket to it in listen()), so it is never
+    given a connection: that is how the supervisor reserves ports for its workers.
+    """
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _type, _proto, _name, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and host in ("::", ""):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(address)
-        sock.listen(1024)
+        if listen:
+            sock.listen(1024)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
