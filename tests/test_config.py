@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from zep.cli import build_parser
-from zep.config import ConfigError, Settings, load_settings, split_host_port
+from zep.config import ConfigError, Settings, available_cpus, load_settings, split_host_port
 from tests.support.zepproc import run_zep, start_zep
 
 
@@ -155,10 +157,20 @@ def test_upstream_proxy_settings():
     ({"ZITI_ENROLL_TOKEN": "t", "ZEP_ENROLL_TOKEN_FILE": "t.jwt"}, [],
      "ZITI_ENROLL_TOKEN and ZEP_ENROLL_TOKEN_FILE are both set: use one"),
     ({"ZEP_ENROLL_IDENTITY_OUT": "id.json"}, [], "ZEP_ENROLL_IDENTITY_OUT is set but there is no enrollment token"),
+    ({"ZEP_WORKERS": "0"}, [], "ZEP_WORKERS must be auto or a number from 1 to 1024, not 0"),
+    ({}, ["--workers", "many"], "--workers must be auto or a whole number, not 'many'"),
+    ({"ZITI_ENROLL_TOKEN": "t", "ZEP_WORKERS": "2"}, [], "ZEP_WORKERS=2: workers cannot enroll"),
 ])
 def test_invalid_values_name_the_variable(env, args, message):
     with pytest.raises(ConfigError, match=message):
         settings(env, "--direct", *args)
+
+
+def test_workers_one_by_default_a_number_or_auto():
+    assert settings({}, "--direct").workers == 1
+    assert settings({"ZEP_WORKERS": "3"}, "--direct").workers == 3
+    assert settings({"ZEP_WORKERS": "3"}, "--direct", "--workers", "AUTO").workers == available_cpus()
+    assert available_cpus() == len(os.sched_getaffinity(0))
 
 
 def test_non_loopback_bind_needs_real_credentials_or_allow_remote():

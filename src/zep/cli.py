@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the SOCKS5 and HTTP proxy",
                                 description="Flags win over environment variables (see README).")
     add_serve_arguments(serve)
+    serve.add_argument(FLAGS["workers"], dest="workers", metavar="N|auto",
+                       help="worker processes sharing the listeners, auto: one per CPU (ZEP_WORKERS)")
     run = commands.add_parser(
         "run", help="run one command with a private proxy", usage="zep run [serve options] -- CMD [ARGS...]",
         description="Start the proxy on free loopback ports with random credentials, run CMD with "
@@ -258,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from zep import jobrun
 
         return jobrun.run(settings, command)
+    if settings.workers > 1:
+        from zep.pool import serve_with_workers
+
+        return serve_with_workers(settings)
     from zep.serving import run_proxy
 
     return run_proxy(settings)
@@ -314,25 +320,34 @@ def _wait_for_ready_file(path: str, wait: float, pid: int | None) -> Ready:
         time.sleep(ENV_WAIT_STEP)
 
 
-def configure_logging(level: str, log_format: str = "logfmt") -> None:
+def configure_logging(level: str, log_format: str = "logfmt", worker: str | None = None) -> None:
+    """A worker process (`zep serve --workers`) tags every line with its id: `worker=ID` first in the
+    message (so an access line stays logfmt), or a "worker" field in JSON."""
     from zep import accesslog
 
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         # One JSON object per line for log shippers: access entries with their own fields, the
         # rest with time, level, logger and message.
-        handler.setFormatter(JSONFormatter())
+        handler.setFormatter(JSONFormatter(worker))
         accesslog.configure(json_lines=True)
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        tag = f"worker={worker} " if worker else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s: {tag}%(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 class JSONFormatter(logging.Formatter):
+    def __init__(self, worker: str | None = None) -> None:
+        super().__init__()
+        self.worker = {"worker": worker} if worker else {}
+
     def format(self, record: logging.LogRecord) -> str:
         if record.name == "zep.access":
+            if self.worker:  # the message is the entry's JSON object
+                return json.dumps({**self.worker, **json.loads(record.getMessage())}, separators=(",", ":"))
             return record.getMessage()
-        fields = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+        fields = {**self.worker, "time": self.formatTime(record), "level": record.levelname, "logger": record.name,
                   "message": record.getMessage()}
         if record.exc_info:
             fields["error"] = self.formatException(record.exc_info)

@@ -7,6 +7,7 @@ Every problem is a `ConfigError` whose message names the variable or flag at fau
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
@@ -22,6 +23,7 @@ DEFAULT_PASSWORD = "password"
 FALLBACK_POLICIES = ("direct", "deny", "proxy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
+MAX_WORKERS = 1024
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Settings:
     enroll_identity_out: str | None = None
     no_proxy: tuple[str, ...] = ()
     admin_address: str | None = None  # "HOST:PORT" of the admin listener; None: off
+    workers: int = 1  # `zep serve` processes serving the listeners; 1: this process serves them itself
 
     @property
     def auth_required(self) -> bool:
@@ -127,6 +130,7 @@ ENVIRONMENT = {
     "enroll_identity_out": "ZEP_ENROLL_IDENTITY_OUT",
     "no_proxy": "ZEP_NO_PROXY",
     "admin_address": "ZEP_ADMIN_ADDRESS",
+    "workers": "ZEP_WORKERS",
 }
 
 # Setting name -> the variable naming a file that holds its value instead (a mounted Docker or
@@ -283,17 +287,25 @@ def _from_text(name: str, text: str, source: str) -> Any:
         if lowered in _FALSE:
             return False
         raise ConfigError(f"{source} must be true or false, not {text!r}")
+    if name == "workers" and text.strip().lower() == "auto":
+        return available_cpus()
     if kind is int:
         try:
             return int(text.strip())
         except ValueError:
-            raise ConfigError(f"{source} must be a whole number, not {text!r}") from None
+            expected = "auto or a whole number" if name == "workers" else "a whole number"
+            raise ConfigError(f"{source} must be {expected}, not {text!r}") from None
     if kind is float:
         try:
             return float(text.strip())
         except ValueError:
             raise ConfigError(f"{source} must be a number of seconds, not {text!r}") from None
     return text.strip() if name not in ("username", "password") else text
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset and cpuset cgroups narrow it)."""
+    return len(os.sched_getaffinity(0))
 
 
 def _identity_entries(text: str) -> tuple[str, ...]:
@@ -336,6 +348,9 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
         _check_identity_text(s.ziti_identity, where("ziti_identity"))
     if s.enroll_token and s.enroll_token_file:
         raise ConfigError(f"ZITI_ENROLL_TOKEN and {where('enroll_token_file')} are both set: use one")
+    if s.workers > 1 and s.enrolls:
+        raise ConfigError(f"{where('workers')}={s.workers}: workers cannot enroll, each would spend the one-time "
+                          "token; enroll first (zep enroll --jwt FILE -o identity.json), then pass --identity")
     if s.enroll_identity_out and not s.enrolls:
         raise ConfigError(f"{where('enroll_identity_out')} is set but there is no enrollment token "
                           "(ZITI_ENROLL_TOKEN or --enroll-token-file)")
@@ -356,6 +371,8 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
             raise ConfigError(f"{where(name)} must be more than 0 seconds")
     if not s.drain_timeout >= 0:
         raise ConfigError(f"{where('drain_timeout')} must be 0 seconds or more")
+    if not 1 <= s.workers <= MAX_WORKERS:
+        raise ConfigError(f"{where('workers')} must be auto or a number from 1 to {MAX_WORKERS}, not {s.workers}")
     if s.max_connections < 0:
         raise ConfigError(f"{where('max_connections')} must be 0 or more (0: fit the open-files limit)")
     if s.max_head_bytes < 1024:

@@ -39,6 +39,7 @@ class Ready:
     credentials: Credentials | None
     no_proxy: tuple[str, ...] = ()  # hosts that jobs should reach without the proxy
     admin: str | None = None  # the admin listener (health, readiness, metrics), when there is one
+    workers: tuple[tuple[str, int], ...] = ()  # `zep serve --workers`: (id, pid) of each worker process
 
     def document(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pid": self.pid}
@@ -52,6 +53,8 @@ class Ready:
             out["no_proxy"] = list(self.no_proxy)
         if self.admin:
             out["admin"] = self.admin
+        if self.workers:
+            out["workers"] = [{"id": worker, "pid": pid} for worker, pid in self.workers]
         return out
 
     @classmethod
@@ -61,7 +64,8 @@ class Ready:
             if document.get("username"):
                 credentials = Credentials(str(document["username"]), str(document["password"]))
             return cls(int(document["pid"]), document.get("socks5"), document.get("http"), credentials,
-                       tuple(str(host) for host in document.get("no_proxy", ())), document.get("admin"))
+                       tuple(str(host) for host in document.get("no_proxy", ())), document.get("admin"),
+                       tuple((str(w["id"]), int(w["pid"])) for w in document.get("workers", ())))
         except (AttributeError, KeyError, TypeError, ValueError):
             raise ReadyFileError(f"{path} ({SETTING}) is not a zep ready file") from None
 

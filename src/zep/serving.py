@@ -42,23 +42,52 @@ EXIT_RELAY = 1  # the relay could not start (the environment, not the configurat
 Job = Callable[[Ready], Awaitable[int]]
 
 
+class Role(Protocol):
+    """What differs between a stand-alone zep and a worker process of `zep serve --workers` (zep.worker)."""
+
+    reuse_port: bool  # share the listening ports with other processes (SO_REUSEPORT)
+
+    def ready(self, ready: Ready) -> None: ...  # listening, and the ready file (if any) written
+
+    def fail(self, message: str) -> None: ...  # cannot start; an exit status follows
+
+    def watch(self, stop: Callable[[], None]) -> None: ...  # other reasons to stop than SIGTERM/SIGINT
+
+
+class Standalone:
+    """One process serving the listeners itself: its ready file says it all, and it prints its errors."""
+
+    reuse_port = False
+
+    def ready(self, ready: Ready) -> None:
+        pass
+
+    def fail(self, message: str) -> None:
+        print(f"zep: error: {message}", file=sys.stderr)
+
+    def watch(self, stop: Callable[[], None]) -> None:
+        pass
+
+
 def proxy_credentials(settings: Settings) -> Credentials | None:
     if settings.random_credentials:
         return random_credentials()
     return Credentials(settings.username, settings.password) if settings.auth_required else None
 
 
-def run_proxy(settings: Settings, job: Job | None = None, connections: Connections | None = None) -> int:
+def run_proxy(settings: Settings, job: Job | None = None, connections: Connections | None = None,
+              role: Role | None = None) -> int:
     """Serve until stopped (no job) or until `job` returns; the exit status."""
     import uvloop
 
+    role = role or Standalone()
     if not settings.dumpable:
         hardening.make_undumpable()
     open_files = fdlimit.raise_open_files_limit()  # before the engine and the SDK open theirs
     try:
         relay.start()  # before anything listens: a relay that cannot run is a start-up error
     except RelayUnavailable as exc:
-        print(f"zep: error: {exc}", file=sys.stderr)
+        role.fail(str(exc))
         return EXIT_RELAY
     listening = [(settings.socks_enabled, settings.socks_port), (settings.http_enabled, settings.http_port)]
     remove_self_proxies(os.environ, settings.proxy_host, [port for enabled, port in listening if enabled])
@@ -66,12 +95,12 @@ def run_proxy(settings: Settings, job: Job | None = None, connections: Connectio
         if settings.ready_file:
             readyfile.claim(settings.ready_file)
     except ReadyFileError as exc:
-        print(f"zep: error: {exc}", file=sys.stderr)
+        role.fail(str(exc))
         return EXIT_CONFIG
     try:
-        return uvloop.run(_start(settings, open_files, job, connections or Listeners()))
+        return uvloop.run(_start(settings, open_files, job, connections or Listeners(), role))
     except (OSError, ReadyFileError) as exc:
-        print(f"zep: error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        role.fail(str(getattr(exc, "strerror", None) or exc))
         return EXIT_CONFIG
 
 
@@ -106,13 +135,14 @@ class _Status:
 
 
 async def _start(settings: Settings, open_files: fdlimit.OpenFiles, job: Job | None,
-                 connections: Connections) -> int:
+                 connections: Connections, role: Role) -> int:
     """The admin listener first (so a probe can tell "starting" from "dead"), then the identities
     (on a thread, the loop answering meanwhile), then the proxy."""
     from zep.metrics import Metrics
     from zep.ziti import ZitiSetupError
 
-    signals = _Signals()
+    signals = _Signals()  # before readiness: a SIGTERM right after it must find the handlers
+    role.watch(signals.stop.set)
     status = _Status(Metrics(version=zep.__version__, relay=relay.IMPLEMENTATION, relay_stats=relay.stats))
     admin = await _start_admin(settings, status) if settings.admin_address else None
     ziti_runtime = None
@@ -122,16 +152,16 @@ async def _start(settings: Settings, open_files: fdlimit.OpenFiles, job: Job | N
             try:
                 ziti_runtime = await _start_ziti(settings, signals.stop)
             except ZitiSetupError as exc:
-                print(f"zep: error: {exc}", file=sys.stderr)
+                role.fail(str(exc))
                 return EXIT_CONFIG
             if ziti_runtime is None:
-                return 128 + signals.received[0]
+                return 128 + signals.received[0] if signals.received else 0
             status.metrics.identities_loaded = len(ziti_runtime.identities)
             status.metrics.set_sdk_version(ziti_runtime.sdk_version)
             status.not_ready = "opening listeners"
         settings = _fit_open_files(settings, open_files)
         router = Router([ziti_runtime] if ziti_runtime else [], _fallback(settings), settings.connect_timeout)
-        return await _serve(settings, router, job, signals, status, connections)
+        return await _serve(settings, router, job, signals, status, connections, role)
     finally:
         if admin is not None:
             admin.close()
@@ -173,13 +203,14 @@ class Listeners:
 
 
 async def _serve(settings: Settings, router: Router, job: Job | None, signals: _Signals, status: _Status,
-                 connections: Connections) -> int:
+                 connections: Connections, role: Role) -> int:
     from zep import accesslog
     from zep.server import Context, ProxyServer
     from zep.throttle import FailedLoginDigest, write_digests
 
     credentials = proxy_credentials(settings)
-    server = ProxyServer(Context(settings, router, relay.relay, credentials, relay.ready))
+    server = ProxyServer(Context(settings, router, relay.relay, credentials, relay.ready),
+                         reuse_port=role.reuse_port)
     digests = asyncio.create_task(write_digests(FailedLoginDigest(server.ctx.logins.holds)))
     metrics = status.metrics
     metrics.server, metrics.logins, metrics.max_connections = server, server.ctx.logins, server.max_connections
@@ -197,6 +228,7 @@ async def _serve(settings: Settings, router: Router, job: Job | None, signals: _
              connections.describe(settings, router, credentials))
     try:
         with readyfile.published(settings.ready_file, ready):
+            role.ready(ready)
             return await (job(ready) if job is not None else _until_stopped(server, settings.drain_timeout, signals))
     finally:
         status.not_ready = "stopping"
@@ -208,7 +240,7 @@ async def _serve(settings: Settings, router: Router, job: Job | None, signals: _
 
 
 async def _until_stopped(server: ProxyServer, drain_timeout: float, signals: _Signals) -> int:
-    """Until SIGTERM or SIGINT, then drain (a second signal stops at once)."""
+    """Until SIGTERM or SIGINT (or what else the role watches), then drain (a second signal stops at once)."""
     signalled = signals.stop
     await signalled.wait()
     signalled.clear()

@@ -211,6 +211,10 @@ class Supervisor:
 
     # ------------------------------------------------------------------------- stopping
 
+    def stop(self, exit_code: int) -> None:
+        """Stop every worker as SIGTERM would, and exit with `exit_code` (unless a worse one comes)."""
+        self._stop(signal.SIGTERM, exit_code)
+
     def _on_stop_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.stopping:

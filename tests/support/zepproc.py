@@ -33,6 +33,14 @@ class ZepProcess:
         self.socks_port, self.http_port, self.admin_port = (
             _port(info.get("socks5")), _port(info.get("http")), _port(info.get("admin")))
 
+    def ready_info(self) -> dict:
+        """The ready file as it is now (with --workers, rewritten when a restarted worker is ready)."""
+        return json.loads(self.ready_path.read_text())
+
+    def worker_pids(self) -> dict[str, int]:
+        """Worker id -> pid, from the ready file; empty for a single process."""
+        return {w["id"]: w["pid"] for w in self.ready_info().get("workers", [])}
+
     def log_text(self) -> str:
         if self.final_log is not None:
             return self.final_log
