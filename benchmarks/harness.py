@@ -96,8 +96,16 @@ def wait_listening(port: int, proc: subprocess.Popen, what: str, timeout: float 
 class ZepLoad:
     """The compiled load generator (zepload.c): clients and target servers."""
 
-    def __init__(self, binary: Path) -> None:
+    def __init__(self, binary: Path, prefix: Sequence[str] = ()) -> None:
         self.binary = binary
+        self.prefix = tuple(prefix)  # e.g. ("taskset", "-c", "0") for the clients
+        self.server_pids: list[int] = []  # the processes of serve(), while they run
+
+    def pinned(self, cpu: int) -> ZepLoad:
+        """The same load generator whose clients run on `cpu` only."""
+        twin = ZepLoad(self.binary, ("taskset", "-c", str(cpu)))
+        twin.server_pids = self.server_pids
+        return twin
 
     @classmethod
     def build(cls, directory: Path) -> ZepLoad:
@@ -112,7 +120,7 @@ class ZepLoad:
         return cls(binary)
 
     def run(self, *args: object, timeout: float = 600.0) -> list[str]:
-        result = subprocess.run([str(self.binary), *map(str, args)], capture_output=True, text=True,
+        result = subprocess.run([*self.prefix, str(self.binary), *map(str, args)], capture_output=True, text=True,
                                 timeout=timeout, stdin=subprocess.DEVNULL)
         if result.returncode != 0:
             raise RuntimeError(f"zepload {' '.join(map(str, args))} failed ({result.returncode}): {result.stderr}")
@@ -123,6 +131,7 @@ class ZepLoad:
         """The sink and echo servers in their own process: {"sink": port, "echo": port}."""
         proc = subprocess.Popen([str(self.binary), "serve"], stdout=subprocess.PIPE, text=True,
                                 stdin=subprocess.DEVNULL)
+        self.server_pids.append(proc.pid)
         try:
             assert proc.stdout is not None
             ports = {}
@@ -131,6 +140,7 @@ class ZepLoad:
                 ports[name] = int(port)
             yield ports
         finally:
+            self.server_pids.remove(proc.pid)
             terminate(proc)
 
 
@@ -146,6 +156,16 @@ class System:
     target: Callable[[str], str]  # target kind -> zepload TARGET argument
     socks: bool  # whether a connection includes a SOCKS5 handshake
     note: str = ""
+    workers: Callable[[], Sequence[int]] = lambda: ()  # the pids of zep's workers (--workers), if any
+
+    def pids(self) -> list[int]:
+        """Every process of the proxy: the one started and, for zep with workers, each worker."""
+        return [] if self.pid is None else [self.pid, *self.workers()]
+
+    def cpu(self) -> float | None:
+        """CPU seconds the proxy has used so far, all its processes together; None without a proxy."""
+        pids = self.pids()
+        return sum(cpu_seconds(pid) for pid in pids) if pids else None
 
 
 @dataclass
@@ -188,7 +208,16 @@ def _zep_system(name: str, zp: ZepProcess, ports: dict[str, int], target_host: s
     via = f"socks5:127.0.0.1:{zp.socks_port}"
     host = target_host
     return System(name, zp.proc.pid, lambda kind: via,
-                  lambda kind: f"{host.format(kind=kind) if host else '127.0.0.1'}:{ports[kind]}", socks=True)
+                  lambda kind: f"{host.format(kind=kind) if host else '127.0.0.1'}:{ports[kind]}", socks=True,
+                  workers=lambda: tuple(zp.worker_pids().values()))
+
+
+def pin(pids: Sequence[int], cpus: set[int]) -> None:
+    """Pin every thread of these processes to `cpus` (what taskset -a does; later threads inherit it)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(tid), cpus)
 
 
 @contextlib.contextmanager
@@ -243,8 +272,10 @@ def ziti_identity(path: Path, ports: dict[str, int]) -> Path:
 
 @contextlib.contextmanager
 def lineup(ports: dict[str, int], *, ziti_path: Path | None = None, ziti_skip: str | None = None,
-           include_direct: bool = True) -> Iterator[Lineup]:
-    """Start every system that can run here; those that cannot are listed in `skipped` with why."""
+           include_direct: bool = True, zep_workers: Sequence[int] = (1,)) -> Iterator[Lineup]:
+    """Start every system that can run here; those that cannot are listed in `skipped` with why.
+
+    `zep_workers`: the compiled-relay zep once per number of worker processes (1: one process)."""
     result = Lineup()
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zep-bench-")))
@@ -253,12 +284,19 @@ def lineup(ports: dict[str, int], *, ziti_path: Path | None = None, ziti_skip: s
                                          lambda kind: f"127.0.0.1:{ports[kind]}", socks=False,
                                          note="no proxy: the client's own ceiling"))
         why = compiled_relay_available()
-        if why is None:
-            zp = stack.enter_context(start_zep("--direct", *ZEP_ARGS, relay="cython", env=ZEP_ENV))
+        for workers in zep_workers:
+            name = "zep (cython)" if workers == 1 else f"zep (cython, {workers} workers)"
+            if why is not None:
+                result.skipped[name] = why
+                continue
+            more = ("--workers", str(workers)) if workers > 1 else ()
+            zp = stack.enter_context(start_zep("--direct", *ZEP_ARGS, *more, relay="cython", env=ZEP_ENV))
             zp.wait_for_log("relay=cython")
-            result.systems.append(_zep_system("zep (cython)", zp, ports))
-        else:
-            result.skipped["zep (cython)"] = why
+            system = _zep_system(name, zp, ports)
+            if workers > 1:
+                system.note = (f"{workers} worker processes sharing the port (SO_REUSEPORT) under a supervisor; "
+                               "CPU is the sum over all of them")
+            result.systems.append(system)
         zp = stack.enter_context(start_zep("--direct", *ZEP_ARGS, relay="python", env=ZEP_ENV))
         zp.wait_for_log("relay=python")
         result.systems.append(_zep_system("zep (python)", zp, ports))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 CYTHON, PYTHON, HAPROXY, MICROSOCKS, DIRECT, ZITI = (
     "zep (cython)", "zep (python)", "haproxy (splice)", "microsocks", "direct", "zep+ziti (stand-in)")
+CYTHON_2 = "zep (cython, 2 workers)"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,17 @@ BULK = [
     Column("CPU x haproxy", "cpu_s_per_gib", "{:.2f}", HAPROXY),
     Column("CPU x python relay", "cpu_s_per_gib", "{:.2f}", PYTHON),
 ]
+RATE = [
+    Column("conn/s", "conn_per_s"),
+    Column("conn/s rounds", "conn_per_s", "{:,.0f}", spread=True),
+    Column("x direct", "conn_per_s", "{:.2f}", DIRECT),
+    Column("x microsocks", "conn_per_s", "{:.2f}", MICROSOCKS),
+    Column("x python relay", "conn_per_s", "{:.2f}", PYTHON),
+    Column("x zep 1 process", "conn_per_s", "{:.2f}", CYTHON),
+    Column("proxy CPU us/conn", "cpu_us_per_conn", "{:.0f}"),
+    Column("CPU x microsocks", "cpu_us_per_conn", "{:.2f}", MICROSOCKS),
+    Column("errors", "errors", "{:.0f}"),
+]
 TABLES: dict[str, list[Column]] = {
     "1-one-stream": BULK,
     "2-parallel-streams": BULK,
@@ -54,15 +66,8 @@ TABLES: dict[str, list[Column]] = {
         Column("added p99 x python relay", "added_p99_us", "{:.2f}", PYTHON),
         Column("added p99 x haproxy", "added_p99_us", "{:.2f}", HAPROXY),
     ],
-    "4-connection-rate": [
-        Column("conn/s", "conn_per_s"),
-        Column("conn/s rounds", "conn_per_s", "{:,.0f}", spread=True),
-        Column("x direct", "conn_per_s", "{:.2f}", DIRECT),
-        Column("x microsocks", "conn_per_s", "{:.2f}", MICROSOCKS),
-        Column("x python relay", "conn_per_s", "{:.2f}", PYTHON),
-        Column("proxy CPU us/conn", "cpu_us_per_conn", "{:.0f}"),
-        Column("errors", "errors", "{:.0f}"),
-    ],
+    "4-connection-rate": RATE,
+    "4-connection-rate-pinned": RATE,
     "5-idle-tunnels": [
         Column("tunnels", "tunnels", "{:,.0f}"),
         Column("RSS KiB/tunnel", "rss_kib_per_tunnel", "{:.2f}"),
@@ -82,7 +87,12 @@ NOTES = {
                    "per round, then the median over rounds (so added p99 can be below added median).",
     "4-connection-rate": "Each connection: TCP connect, SOCKS5 handshake (no auth) and CONNECT, 100 bytes echoed, "
                          "close. HAProxy is not a SOCKS server: its row is a plain TCP connect + 100 bytes echoed, "
-                         "and direct is the same without any proxy.",
+                         "and direct is the same without any proxy. Proxy CPU = utime+stime of all the system's "
+                         "processes (zep with workers: the supervisor and every worker) per connection. "
+                         "Clients, servers and proxies share all CPUs.",
+    "4-connection-rate-pinned": "As workload 4, with the load generator's clients and the target servers pinned to "
+                                "one CPU and every thread of each proxy to another (taskset, sched_setaffinity): "
+                                "what one core of proxy does, without the load generator taking a share of it.",
     "5-idle-tunnels": "Each tunnel: handshake, 1 byte echoed, then idle. Per tunnel = (idle - baseline) / tunnels; "
                       "pipe fds held idle = the proxy's pipe fds while idle minus before; fds left = after close "
                       "minus before.",
@@ -179,6 +189,13 @@ def targets(workloads: dict[str, dict]) -> list[Target]:
             True, f"{fmt(c, '{:,.0f}')} vs {fmt(m, '{:,.0f}')} conn/s")
         add("4-connection-rate", "conn/s >= 1.2 x python relay", ratio(info, CYTHON, "conn_per_s", PYTHON), 1.2,
             True, f"{fmt(c, '{:,.0f}')} vs {fmt(p, '{:,.0f}')} conn/s")
+    for key in ("4-connection-rate", "4-connection-rate-pinned"):
+        info = workloads.get(key)
+        if info:
+            cc, cm = (metric(info, s, "cpu_us_per_conn") for s in (CYTHON, MICROSOCKS))
+            add(key, "proxy CPU per connection <= 1.0 x microsocks",
+                ratio(info, CYTHON, "cpu_us_per_conn", MICROSOCKS), 1.0, False,
+                f"{fmt(cc, '{:.0f}')} vs {fmt(cm, '{:.0f}')} us/conn")
     info = workloads.get("5-idle-tunnels")
     if info:
         n = metric(info, CYTHON, "tunnels")
@@ -298,8 +315,8 @@ def chart(workloads: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-COLORS = {DIRECT: "#7f7f7f", CYTHON: "#1f77b4", PYTHON: "#aec7e8", HAPROXY: "#2ca02c", MICROSOCKS: "#ff7f0e",
-          ZITI: "#9467bd"}
+COLORS = {DIRECT: "#7f7f7f", CYTHON: "#1f77b4", CYTHON_2: "#17becf", PYTHON: "#aec7e8", HAPROXY: "#2ca02c",
+          MICROSOCKS: "#ff7f0e", ZITI: "#9467bd"}
 
 
 def bars(ax, names: list[str], series: list[tuple[str, list[float | None]]], label_fmt: str) -> None:

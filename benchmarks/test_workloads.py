@@ -8,6 +8,8 @@ one such round. The per-system figures (median over rounds, and every round) are
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.harness import GIB, MIB, Lineup, System, ZepLoad, cpu_seconds, fd_counts, lineup, quick, rss_bytes, summarize
+from benchmarks.harness import GIB, MIB, Lineup, System, ZepLoad, fd_counts, lineup, pin, quick, rss_bytes, summarize
 
 QUICK = quick()
 
@@ -82,9 +84,9 @@ def ziti_args(ziti_package) -> dict:
 # ------------------------------------------------------------------------------- 1 and 2: bulk
 
 def measure_bulk(zepload: ZepLoad, system: System, streams: int, size: int) -> dict:
-    cpu0 = cpu_seconds(system.pid) if system.pid else None
+    cpu0 = system.cpu()
     seconds, total, errors = zepload.run("bulk", system.via("sink"), system.target("sink"), streams, size)
-    cpu = cpu_seconds(system.pid) - cpu0 if system.pid else None
+    cpu = system.cpu() - cpu0 if cpu0 is not None else None
     seconds, total = float(seconds), int(total)
     assert int(errors) == 0 and total == streams * size, f"{system.name}: {errors} failed streams"
     metrics = {"seconds": seconds, "mb_per_s": total / seconds / 1e6, "bytes": total}
@@ -142,10 +144,10 @@ def test_3_ping_pong(benchmark, zepload, servers, ziti_package) -> None:
 # ------------------------------------------------------------------------ 4: connection rate
 
 def measure_rate(zepload: ZepLoad, system: System, seconds: float) -> dict:
-    cpu0 = cpu_seconds(system.pid) if system.pid else None
+    cpu0 = system.cpu()
     done, errors, elapsed = zepload.run("connrate", system.via("echo"), system.target("echo"),
                                         RATE_CLIENTS, seconds, RATE_SIZE)
-    cpu = cpu_seconds(system.pid) - cpu0 if system.pid else None
+    cpu = system.cpu() - cpu0 if cpu0 is not None else None
     done, errors, elapsed = int(done), int(errors), float(elapsed)
     metrics = {"connections": done, "errors": errors, "seconds": elapsed, "conn_per_s": done / elapsed}
     if cpu is not None and done:
@@ -153,14 +155,49 @@ def measure_rate(zepload: ZepLoad, system: System, seconds: float) -> dict:
     return metrics
 
 
+RATE_TITLE = f"Connection rate: {RATE_CLIENTS} clients, each SOCKS5 handshake + {RATE_SIZE} bytes echoed + close"
+RATE_PARAMS = {"clients": RATE_CLIENTS, "seconds": RATE_SECONDS, "size": RATE_SIZE, "rounds": RATE_ROUNDS}
+
+
+def rate_workload(benchmark, zepload: ZepLoad, lu: Lineup) -> dict[str, list[dict]]:
+    for system in lu.systems:
+        measure_rate(zepload, system, 0.3)  # warm-up
+    return run_rounds(benchmark, lu, RATE_ROUNDS, lambda s: measure_rate(zepload, s, RATE_SECONDS))
+
+
 def test_4_connection_rate(benchmark, zepload, servers) -> None:
-    with lineup(servers) as lu:
-        for system in lu.systems:
-            measure_rate(zepload, system, 0.3)  # warm-up
-        per_system = run_rounds(benchmark, lu, RATE_ROUNDS, lambda s: measure_rate(zepload, s, RATE_SECONDS))
-    record(benchmark, "4-connection-rate",
-           f"Connection rate: {RATE_CLIENTS} clients, each SOCKS5 handshake + {RATE_SIZE} bytes echoed + close",
-           lu, per_system, {"clients": RATE_CLIENTS, "seconds": RATE_SECONDS, "size": RATE_SIZE, "rounds": RATE_ROUNDS})
+    """zep with one process and with two workers, beside the others; all share the machine's CPUs."""
+    with lineup(servers, zep_workers=(1, 2)) as lu:
+        per_system = rate_workload(benchmark, zepload, lu)
+    record(benchmark, "4-connection-rate", RATE_TITLE, lu, per_system, RATE_PARAMS)
+
+
+def two_cpus() -> tuple[int, int]:
+    """(CPU for the load generator and the servers, CPU for the proxy), or skip saying why not."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip(f"pinning needs two CPUs; this process may use {len(cpus)}")
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset is not installed (util-linux)")
+    return cpus[0], cpus[1]
+
+
+def test_4_connection_rate_pinned(benchmark, zepload, servers) -> None:
+    """Workload 4 with the clients and the servers on one CPU and every proxy on another, so each
+    proxy's cost on a core of its own shows without the load generator competing for it."""
+    load_cpu, proxy_cpu = two_cpus()
+    every_cpu = os.sched_getaffinity(0)
+    clients = zepload.pinned(load_cpu)
+    pin(zepload.server_pids, {load_cpu})
+    try:
+        with lineup(servers) as lu:
+            for system in lu.systems:
+                pin(system.pids(), {proxy_cpu})
+            per_system = rate_workload(benchmark, clients, lu)
+    finally:
+        pin(zepload.server_pids, every_cpu)
+    record(benchmark, "4-connection-rate-pinned", f"{RATE_TITLE}; clients and servers on CPU {load_cpu}, "
+           f"proxy on CPU {proxy_cpu}", lu, per_system, {**RATE_PARAMS, "load_cpu": load_cpu, "proxy_cpu": proxy_cpu})
 
 
 # --------------------------------------------------------------------------- 5: idle tunnels
