@@ -4,15 +4,16 @@ the listening ports so that the kernel spreads new connections over them.
 The supervisor first reserves each port: a socket bound with SO_REUSEPORT on which it never
 listens. That learns the port when 0 was asked for, and holds it while workers come and go,
 without taking a share of the connections (see server.bind_socket). Each worker then binds and
-listens on that same port with SO_REUSEPORT. The ready file is written once every worker is
-ready, and again each time a restarted worker makes the set complete again (its pids change).
+listens on that same port with SO_REUSEPORT. The supervisor writes the ready file once every
+worker is ready, again each time a restarted worker makes the set complete (its pids change), and
+removes it at exit.
 
 Each worker loads every identity on its own: N workers are N sessions with the Ziti controller.
 
 Readiness and metrics for all workers together, once the admin listener exists (a design, not yet
-built): the supervisor serves it, with admin_address taken out of
-the workers' settings (one admin port per worker would make N scrape targets, and a shared
-SO_REUSEPORT admin port would answer from a random worker).
+built): the supervisor serves it, with admin_address taken out of the workers' settings (one admin
+port per worker would make N scrape targets, and a shared SO_REUSEPORT admin port would answer
+from a random worker).
 - /healthz and /readyz answer from the supervisor's own state: every worker has reported ready
   on its channel (Worker.ready), none is restarting, no stop signal has come.
 - /metrics: the supervisor asks each worker over its channel for its own exposition (a
@@ -21,9 +22,9 @@ SO_REUSEPORT admin port would answer from a random worker).
   sample, and merges the families, with its own zep_workers and zep_worker_restarts beside them.
   Chosen over prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR) because the admin
   metrics read gauges and the relay engine's figures from the running process at scrape time
-  (custom collectors), which multiprocess mode cannot carry across processes; and because with one series
-  per worker a restarted worker's counters start again at 0 as a reset Prometheus understands,
-  where a sum over the live workers would seem to go backwards.
+  (custom collectors), which multiprocess mode cannot carry across processes; and because with
+  one series per worker a restarted worker's counters start again at 0 as a reset Prometheus
+  understands, where a sum over the live workers would seem to go backwards.
 """
 
 from __future__ import annotations
