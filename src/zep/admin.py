@@ -14,12 +14,15 @@ import asyncio
 import http
 import logging
 import socket
-from collections.abc import Callable
+import ipaddress
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import httptools
 
-from zep.metrics import CONTENT_TYPE, Metrics
+from zep.config import split_host_port
+from zep.metrics import CONTENT_TYPE
 
 log = logging.getLogger("zep.admin")
 
@@ -28,6 +31,12 @@ TEXT = "text/plain; charset=utf-8"
 
 # None when ready, else why not ("loading Ziti identities", "draining", ...).
 Readiness = Callable[[], str | None]
+# Brings the exposition up to date before a scrape (the supervisor of workers fetches theirs).
+Refresh = Callable[[], Awaitable[None]]
+
+
+class Exposition(Protocol):
+    def exposition(self) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -106,9 +115,14 @@ class RequestReader:
 class Admin:
     """The answers, given the metrics and how to tell readiness."""
 
-    def __init__(self, metrics: Metrics, readiness: Readiness) -> None:
+    def __init__(self, metrics: Exposition, readiness: Readiness, refresh: Refresh | None = None) -> None:
         self.metrics = metrics
         self.readiness = readiness
+        self.refresh = refresh
+
+    async def prepare(self, request: Request | Malformed) -> None:
+        if self.refresh is not None and isinstance(request, Request) and request.path == "/metrics":
+            await self.refresh()
 
     def answer(self, request: Request | Malformed) -> Response:
         if isinstance(request, Malformed):
@@ -152,6 +166,7 @@ class AdminServer:
                     request = await _read_request(reader)
             except TimeoutError:
                 request = Malformed(408, f"no complete request head within {self.request_timeout:g} s")
+            await self.admin.prepare(request)
             response = self.admin.answer(request)
             writer.write(response.encode(head_only=isinstance(request, Request) and request.method == "HEAD"))
             async with asyncio.timeout(self.request_timeout):
@@ -170,6 +185,24 @@ async def _read_request(reader: asyncio.StreamReader) -> Request | Malformed:
         result = parser.feed(data) if data else parser.feed_eof()
         if result is not None:
             return result
+
+
+async def start(admin: Admin, sock: socket.socket, request_timeout: float) -> AdminServer:
+    """Serve `admin` on `sock` (from listen_socket) and say where."""
+    server = AdminServer(admin, sock, request_timeout)
+    await server.start()
+    host, port = server.address
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    log.info("listening: admin on %s (/healthz, /readyz, /metrics)", where)
+    if not ipaddress.ip_address(host).is_loopback:
+        log.info("the admin listener on %s is reachable from other machines: it serves health, readiness and "
+                 "metrics, never a proxy", where)
+    return server
+
+
+def listen_socket(address: str) -> socket.socket:
+    """The listening socket for ZEP_ADMIN_ADDRESS (validated HOST:PORT)."""
+    return bind(*split_host_port(address))
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -10,15 +10,15 @@ removes it at exit.
 
 Each worker loads every identity on its own: N workers are N sessions with the Ziti controller.
 
-Readiness and metrics for all workers together, once the admin listener exists (a design, not yet
-built): the supervisor serves it, with admin_address taken out of the workers' settings (one admin
-port per worker would make N scrape targets, and a shared SO_REUSEPORT admin port would answer
-from a random worker).
+Readiness and metrics for all workers together: with ZEP_ADMIN_ADDRESS the supervisor serves the
+one admin listener, with admin_address taken out of the workers' settings (one admin port per
+worker would make N scrape targets, and a shared SO_REUSEPORT admin port would answer from a
+random worker).
 - /healthz and /readyz answer from the supervisor's own state: every worker has reported ready
   on its channel (Worker.ready), none is restarting, no stop signal has come.
 - /metrics: the supervisor asks each worker over its channel for its own exposition (a
-  {"scrape"} message answered by {"metrics": text}, a bounded wait per worker; one that does not
-  answer in time is left out and counted), adds a `worker` label (bounded: N values) to every
+  {"ask": N, "scrape": true} message answered by {"answer": N, "metrics": text}, a bounded wait per
+  worker, zep.workermetrics; one that does not answer in time is left out, zep_worker_scraped 0), adds a `worker` label (bounded: N values) to every
   sample, and merges the families, with its own zep_workers and zep_worker_restarts beside them.
   Chosen over prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR) because the admin
   metrics read gauges and the relay engine's figures from the running process at scrape time
@@ -34,16 +34,17 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import zep
-from zep import hardening, readyfile
+from zep import admin, hardening, readyfile
 from zep.auth import Credentials, random_credentials
 from zep.config import Settings
 from zep.readyfile import Ready, ReadyFileError
 from zep.server import PORT_SETTINGS, bind_socket, format_address
 from zep.supervisor import Supervisor, Worker, WorkerSpec
 from zep.worker import encode_settings, worker_environment
+from zep.workermetrics import WorkerMetrics
 
 log = logging.getLogger("zep.supervisor")
 
@@ -65,7 +66,15 @@ def serve_with_workers(settings: Settings) -> int:
         print(f"zep: error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
+        admin_sock = admin.listen_socket(settings.admin_address) if settings.admin_address else None
+    except OSError as exc:
+        for sock in reserved.values():
+            sock.close()
+        print(f"zep: error: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
         addresses = {proto: format_address(sock.getsockname()) for proto, sock in reserved.items()}
+        admin_address = format_address(admin_sock.getsockname()) if admin_sock is not None else None
         workers = worker_settings(settings, {proto: sock.getsockname()[1] for proto, sock in reserved.items()})
         credentials = Credentials(workers.username, workers.password) if workers.auth_required else None
         specs = [worker_spec(workers, str(n)) for n in range(1, settings.workers + 1)]
@@ -76,14 +85,22 @@ def serve_with_workers(settings: Settings) -> int:
             if not settings.ready_file:
                 return
             ready = Ready(os.getpid(), addresses.get("socks5"), addresses.get("http"), credentials,
-                          settings.no_proxy, workers=tuple((w.spec.name, w.pid) for w in running if w.pid is not None))
+                          settings.no_proxy, admin_address, workers=tuple((w.spec.name, w.pid) for w in running if w.pid is not None))
             try:
                 readyfile.write(settings.ready_file, ready)
             except ReadyFileError as exc:
                 print(f"zep: error: {exc}", file=sys.stderr, flush=True)
                 supervisor.stop(EXIT_CONFIG)
 
-        supervisor = Supervisor(specs, on_all_ready=all_ready, stop_timeout=stop_timeout(settings))
+        async def serve_admin(supervisor: Supervisor) -> Callable[[], None]:
+            assert admin_sock is not None
+            metrics = WorkerMetrics(supervisor)
+            server = await admin.start(admin.Admin(metrics, supervisor.why_not_ready, metrics.refresh), admin_sock,
+                                       settings.http_request_timeout)
+            return server.close
+
+        supervisor = Supervisor(specs, on_all_ready=all_ready, stop_timeout=stop_timeout(settings),
+                                service=serve_admin if admin_sock is not None else None)
         try:
             return supervisor.run()
         finally:
@@ -92,13 +109,16 @@ def serve_with_workers(settings: Settings) -> int:
     finally:
         for sock in reserved.values():
             sock.close()
+        if admin_sock is not None:
+            admin_sock.close()
 
 
 def worker_settings(settings: Settings, ports: Mapping[str, int]) -> Settings:
-    """What every worker runs with: the reserved ports, no ready file (the supervisor writes it), and
-    random credentials made once, here, so that every worker accepts the same."""
+    """What every worker runs with: the reserved ports, no ready file and no admin listener (the
+    supervisor has them), and random credentials made once, here, so that every worker accepts the same."""
     changes: dict[str, object] = {"socks_port": ports.get("socks5", settings.socks_port),
-                                  "http_port": ports.get("http", settings.http_port), "ready_file": None, "workers": 1}
+                                  "http_port": ports.get("http", settings.http_port), "ready_file": None,
+                                  "admin_address": None, "workers": 1}
     if settings.random_credentials:
         made = random_credentials()
         changes.update(username=made.username, password=made.password, random_credentials=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import os
 import signal
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 import zep
 from zep import fdlimit, hardening, readyfile, relay
 from zep.auth import Credentials, random_credentials
-from zep.config import Settings, split_host_port
+from zep.config import Settings
 from zep.dial import Dialer
 from zep.proxy_env import remove_self_proxies
 from zep.readyfile import Ready, ReadyFileError
@@ -53,6 +52,8 @@ class Role(Protocol):
 
     def watch(self, stop: Callable[[], None]) -> None: ...  # other reasons to stop than SIGTERM/SIGINT
 
+    def share_metrics(self, metrics: Metrics) -> bool: ...  # True: someone else scrapes them (the supervisor)
+
 
 class Standalone:
     """One process serving the listeners itself: its ready file says it all, and it prints its errors."""
@@ -67,6 +68,9 @@ class Standalone:
 
     def watch(self, stop: Callable[[], None]) -> None:
         pass
+
+    def share_metrics(self, metrics: Metrics) -> bool:
+        return False
 
 
 def proxy_credentials(settings: Settings) -> Credentials | None:
@@ -145,6 +149,7 @@ async def _start(settings: Settings, open_files: fdlimit.OpenFiles, job: Job | N
     role.watch(signals.stop.set)
     status = _Status(Metrics(version=zep.__version__, relay=relay.IMPLEMENTATION, relay_stats=relay.stats))
     admin = await _start_admin(settings, status) if settings.admin_address else None
+    scraped = admin is not None or role.share_metrics(status.metrics)
     ziti_runtime = None
     try:
         if settings.ziti_configured:
@@ -161,7 +166,7 @@ async def _start(settings: Settings, open_files: fdlimit.OpenFiles, job: Job | N
             status.not_ready = "opening listeners"
         settings = _fit_open_files(settings, open_files)
         router = Router([ziti_runtime] if ziti_runtime else [], _fallback(settings), settings.connect_timeout)
-        return await _serve(settings, router, job, signals, status, connections, role)
+        return await _serve(settings, router, job, signals, status, connections, role, scraped)
     finally:
         if admin is not None:
             admin.close()
@@ -203,7 +208,7 @@ class Listeners:
 
 
 async def _serve(settings: Settings, router: Router, job: Job | None, signals: _Signals, status: _Status,
-                 connections: Connections, role: Role) -> int:
+                 connections: Connections, role: Role, scraped: bool) -> int:
     from zep import accesslog
     from zep.server import Context, ProxyServer
     from zep.throttle import FailedLoginDigest, write_digests
@@ -215,7 +220,7 @@ async def _serve(settings: Settings, router: Router, job: Job | None, signals: _
     metrics = status.metrics
     metrics.server, metrics.logins, metrics.max_connections = server, server.ctx.logins, server.max_connections
     status.server = server
-    if status.admin is not None:  # nobody else reads the metrics
+    if scraped:  # nobody else reads the metrics
         accesslog.subscribe(metrics.observe)
     try:
         socks, http = connections.open(server)
@@ -258,19 +263,14 @@ async def _until_stopped(server: ProxyServer, drain_timeout: float, signals: _Si
 
 
 async def _start_admin(settings: Settings, status: _Status) -> AdminServer:
-    from zep.admin import Admin, AdminServer, bind
+    from zep import admin
     from zep.server import format_address
 
     assert settings.admin_address is not None
-    host, port = split_host_port(settings.admin_address)
-    admin = AdminServer(Admin(status.metrics, status.why_not_ready), bind(host, port), settings.http_request_timeout)
-    await admin.start()
-    status.admin = format_address(admin.address)
-    log.info("listening: admin on %s (/healthz, /readyz, /metrics)", status.admin)
-    if not ipaddress.ip_address(admin.address[0]).is_loopback:
-        log.info("the admin listener on %s is reachable from other machines: it serves health, readiness and "
-                 "metrics, never a proxy", status.admin)
-    return admin
+    server = await admin.start(admin.Admin(status.metrics, status.why_not_ready),
+                               admin.listen_socket(settings.admin_address), settings.http_request_timeout)
+    status.admin = format_address(server.address)
+    return server
 
 
 async def _start_ziti(settings: Settings, stop: asyncio.Event) -> ZitiDialer | None:

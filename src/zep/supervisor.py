@@ -12,6 +12,8 @@ command line gets `--channel-fd N`), one JSON object per packet:
   so that they never appear on a command line or in an environment);
 - worker -> supervisor: `{"ready": {...}}` once it serves, `{"error": "one line"}` before it exits
   because it cannot start as configured;
+- a question and its answer (Supervisor.ask): `{"ask": N, ...}` to the worker, `{"answer": N, ...}`
+  back, waited for within a bound (zep: a scrape of the worker's metrics);
 - end of file: the other side is gone. A worker whose supervisor has died stops.
 
 The supervisor runs a plain asyncio loop for its signals, channels and timers and nothing else: it
@@ -28,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +71,7 @@ class Worker:
         self.started = 0.0
         self.delay = spec.restart.first_delay
         self.restart_timer: asyncio.TimerHandle | None = None
+        self.restarts = 0  # how often it was started again after it ended
 
     @property
     def pid(self) -> int | None:
@@ -79,15 +82,21 @@ class Worker:
 
 
 AllReady = Callable[[Sequence[Worker]], None]
+# Started on the supervisor's loop before the workers (zep: the admin listener); returns its closer.
+Service = Callable[["Supervisor"], Awaitable[Callable[[], None]]]
 
 
 class Supervisor:
     """Run the workers until a stop signal (exit 0 when they all stop when told, 1 when one had to
     be killed or failed) or until one cannot start as configured (exit 2)."""
 
-    def __init__(self, specs: Sequence[WorkerSpec], *, on_all_ready: AllReady, stop_timeout: float) -> None:
+    def __init__(self, specs: Sequence[WorkerSpec], *, on_all_ready: AllReady, stop_timeout: float,
+                 service: Service | None = None) -> None:
         self.workers = [Worker(spec) for spec in specs]
         self.on_all_ready = on_all_ready
+        self.service = service
+        self._asked = 0
+        self._answers: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.stop_timeout = stop_timeout  # after the stop signal, this long until SIGKILL
         self.exit_code = 0
         self.stopping = False
@@ -104,10 +113,40 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
-        for worker in self.workers:
-            self._start(worker)
-        await self._done
+        close = await self.service(self) if self.service is not None else None
+        try:
+            for worker in self.workers:
+                self._start(worker)
+            await self._done
+        finally:
+            if close is not None:
+                close()
         return self.exit_code
+
+    def why_not_ready(self) -> str | None:
+        """None when every worker serves and no stop signal has come; else why not."""
+        if self.stopping:
+            return "draining"
+        waiting = [f"worker {w.spec.name} {'restarting' if w.restarts or w.restart_timer else 'starting'}"
+                   for w in self.workers if w.ready is None]
+        return ", ".join(waiting) or None
+
+    async def ask(self, worker: Worker, question: Mapping[str, Any], timeout: float) -> dict[str, Any] | None:
+        """The worker's answer to `question`; None when it is not ready or does not answer within `timeout`."""
+        assert self._loop is not None
+        if worker.channel is None or worker.ready is None:
+            return None
+        self._asked += 1
+        token = self._asked
+        answer = self._answers[token] = self._loop.create_future()
+        try:
+            worker.channel.send(json.dumps({**question, "ask": token}).encode())
+            async with asyncio.timeout(timeout):
+                return await answer
+        except (OSError, TimeoutError):
+            return None
+        finally:
+            del self._answers[token]
 
     # ------------------------------------------------------------------------- starting
 
@@ -151,6 +190,11 @@ class Supervisor:
             message = None
         if not isinstance(message, dict):
             log.warning("%s sent a message that is not a JSON object; ignored", worker)
+            return
+        if "answer" in message:
+            answer = self._answers.get(message["answer"]) if isinstance(message["answer"], int) else None
+            if answer is not None and not answer.done():
+                answer.set_result(message)
             return
         if "error" in message:
             worker.error = str(message["error"])
@@ -207,6 +251,7 @@ class Supervisor:
     def _restart(self, worker: Worker) -> None:
         worker.restart_timer = None
         if not self.stopping:
+            worker.restarts += 1
             self._start(worker)
 
     # ------------------------------------------------------------------------- stopping

@@ -19,11 +19,14 @@ import logging
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zep.config import ENVIRONMENT, Settings
 from zep.readyfile import Ready
 from zep.supervisor import MAX_MESSAGE, receive
+
+if TYPE_CHECKING:
+    from zep.metrics import Metrics
 
 log = logging.getLogger("zep.worker")
 
@@ -47,12 +50,18 @@ def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 class WorkerRole:
-    """run_proxy's role in a worker: shared ports; readiness and errors go to the supervisor."""
+    """run_proxy's role in a worker: shared ports; readiness and errors go to the supervisor, which
+    also asks for the metrics (`{"ask": N, "scrape": true}`, answered by `{"answer": N, "metrics": TEXT}`)."""
 
     reuse_port = True
 
     def __init__(self, channel: socket.socket) -> None:
         self.channel = channel
+        self.metrics: Metrics | None = None
+
+    def share_metrics(self, metrics: Metrics) -> bool:
+        self.metrics = metrics
+        return True
 
     def ready(self, ready: Ready) -> None:
         self._send({"ready": {"pid": ready.pid, "socks5": ready.socks5, "http": ready.http}})
@@ -67,12 +76,28 @@ class WorkerRole:
         fd = self.channel.fileno()
 
         def readable() -> None:
-            if receive(self.channel) == b"":
+            data = receive(self.channel)
+            if data == b"":
                 loop.remove_reader(fd)
                 log.warning("the supervisor is gone: stopping")
                 stop()
+            elif data:
+                self._answer(data)
 
         loop.add_reader(fd, readable)
+
+    def _answer(self, data: bytes) -> None:
+        try:
+            question = json.loads(data)
+        except ValueError:
+            question = None
+        if not isinstance(question, dict) or "ask" not in question:
+            log.warning("a message from the supervisor that is not a question; ignored")
+            return
+        answer: dict[str, Any] = {"answer": question["ask"]}
+        if question.get("scrape") and self.metrics is not None:
+            answer["metrics"] = self.metrics.exposition().decode()
+        self._send(answer)
 
     def _send(self, message: dict[str, Any]) -> bool:
         try:
