@@ -77,7 +77,7 @@ def serve_with_workers(settings: Settings) -> int:
         admin_address = format_address(admin_sock.getsockname()) if admin_sock is not None else None
         workers = worker_settings(settings, {proto: sock.getsockname()[1] for proto, sock in reserved.items()})
         credentials = Credentials(workers.username, workers.password) if workers.auth_required else None
-        specs = [worker_spec(workers, str(n)) for n in range(1, settings.workers + 1)]
+        specs = [worker_spec(workers, str(n), scraped=admin_sock is not None) for n in range(1, settings.workers + 1)]
         log.info("zep %s: %d workers sharing %s", zep.__version__, len(specs),
                  ", ".join(f"{proto} on {address}" for proto, address in addresses.items()))
 
@@ -147,9 +147,11 @@ def reserve_ports(settings: Settings) -> dict[str, socket.socket]:
     return reserved
 
 
-def worker_spec(settings: Settings, name: str) -> WorkerSpec:
+def worker_spec(settings: Settings, name: str, *, scraped: bool) -> WorkerSpec:
+    """`scraped`: the supervisor serves /metrics, so the worker keeps its metrics for it."""
     return WorkerSpec(name=name, role=ROLE, argv=(sys.executable, "-m", "zep.worker", "--id", name),
-                      env=worker_environment(os.environ), hello={"settings": encode_settings(settings)})
+                      env=worker_environment(os.environ),
+                      hello={"settings": encode_settings(settings), "metrics": scraped})
 
 
 def stop_timeout(settings: Settings) -> float:

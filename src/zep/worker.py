@@ -55,13 +55,14 @@ class WorkerRole:
 
     reuse_port = True
 
-    def __init__(self, channel: socket.socket) -> None:
+    def __init__(self, channel: socket.socket, scraped: bool) -> None:
         self.channel = channel
+        self.scraped = scraped  # the supervisor serves /metrics (without it, counting would be wasted)
         self.metrics: Metrics | None = None
 
     def share_metrics(self, metrics: Metrics) -> bool:
         self.metrics = metrics
-        return True
+        return self.scraped
 
     def ready(self, ready: Ready) -> None:
         self._send({"ready": {"pid": ready.pid, "socks5": ready.socks5, "http": ready.http}})
@@ -95,7 +96,7 @@ class WorkerRole:
             log.warning("a message from the supervisor that is not a question; ignored")
             return
         answer: dict[str, Any] = {"answer": question["ask"]}
-        if question.get("scrape") and self.metrics is not None:
+        if question.get("scrape") and self.scraped and self.metrics is not None:
             answer["metrics"] = self.metrics.exposition().decode()
         self._send(answer)
 
@@ -125,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     channel.settimeout(None)
     configure_logging(settings.log_level, settings.log_format, args.id)
-    return run_proxy(settings, role=WorkerRole(channel))
+    return run_proxy(settings, role=WorkerRole(channel, scraped=bool(hello.get("metrics"))))
 
 
 if __name__ == "__main__":
