@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.zepproc import start_zep, zep_env
+from tests.support.ziti import openziti_path, service, standin_library, write_identity  # noqa: F401  (fixtures)
 from zep.config import ENVIRONMENT, SECRET_FILES, ConfigError, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -323,33 +324,78 @@ def run_healthcheck(dockerfile, command: list[str], env: dict[str, str]) -> subp
                           capture_output=True, text=True, timeout=30)
 
 
-def image_zep(dockerfile, env: dict[str, str] | None = None):
-    """zep with the image's ENV and real credentials, on loopback ports of this machine (flags win)."""
-    return start_zep("--direct", env={**env_of(final(dockerfile)), "PROXY_USERNAME": "ci",
-                                      "PROXY_PASSWORD": "s3cret", **(env or {})})
+def image_zep(dockerfile, *args: str, env: dict[str, str] | None = None, **kwargs):
+    """zep with the image's ENV and real credentials, on loopback ports of this machine (flags win).
+    The admin port is the one thing changed: 0, so that tests never collide on 9090."""
+    return start_zep(*args, env={**env_of(final(dockerfile)), "PROXY_USERNAME": "ci", "PROXY_PASSWORD": "s3cret",
+                                 "ZEP_ADMIN_ADDRESS": "127.0.0.1:0", **(env or {})}, **kwargs)
 
 
-def listener_ports(zp) -> dict[str, str]:
-    return {"SOCKS_PORT": str(zp.socks_port), "HTTP_PORT": str(zp.http_port)}
+def admin_of(zp) -> dict[str, str]:
+    """The container environment the check would see had the image's 9090 been this zep's admin port."""
+    assert zp.admin_port, "the image's ENV opens no admin listener"
+    return {"ZEP_ADMIN_ADDRESS": f"127.0.0.1:{zp.admin_port}"}
 
 
-def test_healthcheck_passes_against_a_running_zep(dockerfile) -> None:
+def test_the_image_serves_the_admin_listener_on_loopback(dockerfile) -> None:
+    env = env_of(final(dockerfile))
+    assert env["ZEP_ADMIN_ADDRESS"] == "127.0.0.1:9090"
+    assert image_settings(dockerfile, {"PROXY_USERNAME": "ci", "PROXY_PASSWORD": "s3cret", "ZEP_DIRECT": "1"}
+                          ).admin_address == "127.0.0.1:9090"
+    assert "9090" not in {port for i in final(dockerfile).all("EXPOSE") for port in i.value.split()}
+
+
+def test_healthcheck_asks_readyz_with_the_standard_library(dockerfile) -> None:
+    script = healthcheck_command(dockerfile)[2]
+    assert "urllib.request" in script and "/readyz" in script and "127.0.0.1" in script
+    assert "curl" not in script and "socket" not in script  # no proxy connection, so no access line
+
+
+def test_healthcheck_passes_against_a_ready_zep_and_logs_nothing(dockerfile) -> None:
     command = healthcheck_command(dockerfile)
-    with image_zep(dockerfile) as zp:
-        result = run_healthcheck(dockerfile, command, listener_ports(zp))
+    with image_zep(dockerfile, "--direct") as zp:
+        assert zp.ready_info()["admin"] == f"127.0.0.1:{zp.admin_port}"
+        result = run_healthcheck(dockerfile, command, admin_of(zp))
         assert result.returncode == 0, result.stderr
-    with image_zep(dockerfile, {"HTTP_ENABLED": "false"}) as zp:
-        socks_only = run_healthcheck(dockerfile, command, {"SOCKS_PORT": str(zp.socks_port), "HTTP_ENABLED": "false",
-                                                           "HTTP_PORT": "1"})
-        assert socks_only.returncode == 0, socks_only.stderr
+        # A proxy variable in the container does not divert the probe (this one leads nowhere).
+        diverted = run_healthcheck(dockerfile, command, {**admin_of(zp), "http_proxy": "http://127.0.0.1:9",
+                                                         "HTTP_PROXY": "http://127.0.0.1:9"})
+        assert diverted.returncode == 0, diverted.stderr
+        assert zp.access_lines() == [] and " ERROR " not in zp.log_text()
 
 
-def test_healthcheck_fails_when_a_listener_is_down(dockerfile) -> None:
+def test_healthcheck_fails_while_identities_load_and_without_an_admin_listener(
+        dockerfile, tmp_path: Path, openziti_path: Path) -> None:
     from tests.support.upstreams import closed_port
 
     command = healthcheck_command(dockerfile)
-    with image_zep(dockerfile) as zp:
-        result = run_healthcheck(dockerfile, command, {**listener_ports(zp), "HTTP_PORT": str(closed_port())})
-        assert result.returncode != 0
-        result = run_healthcheck(dockerfile, command, {**listener_ports(zp), "SOCKS_PORT": str(closed_port())})
-        assert result.returncode != 0
+    identity = write_identity(tmp_path / "team.json", [service("web", ["web.example.test"], ["80"], "127.0.0.1:9")],
+                              load_delay_ms=1500)
+    with image_zep(dockerfile, env={"ZITI_IDENTITY_FILE": str(identity)}, extra_pythonpath=[str(openziti_path)],
+                   wait_ready=False) as zp:
+        line = zp.wait_for_log("listening: admin on 127.0.0.1:")
+        loading = {"ZEP_ADMIN_ADDRESS": line.rsplit(" on ", 1)[1].split()[0]}
+        result = run_healthcheck(dockerfile, command, loading)
+        assert result.returncode != 0 and "503" in result.stderr, result.stderr
+        assert "ziti identity loaded" not in zp.log_text()  # still loading when the check failed
+        zp.wait_ready()
+        assert run_healthcheck(dockerfile, command, admin_of(zp)).returncode == 0
+    refused = run_healthcheck(dockerfile, command, {"ZEP_ADMIN_ADDRESS": f"127.0.0.1:{closed_port()}"})
+    assert refused.returncode != 0 and "Connection refused" in refused.stderr
+
+
+def test_healthcheck_fails_while_draining(dockerfile, echo) -> None:
+    import signal
+
+    from tests.support.clients import socks_session
+
+    command = healthcheck_command(dockerfile)
+    with image_zep(dockerfile, "--direct", "--no-auth", env={"PROXY_USERNAME": "", "PROXY_PASSWORD": "",
+                                                            "ZEP_DRAIN_TIMEOUT": "20"}) as zp:
+        with socks_session(zp.socks_port, "127.0.0.1", echo.port) as (sock, reply):
+            assert reply == 0
+            zp.proc.send_signal(signal.SIGTERM)
+            zp.wait_for_log("draining: no new connections; 1 open ones")
+            result = run_healthcheck(dockerfile, command, admin_of(zp))
+            assert result.returncode != 0 and "503" in result.stderr, result.stderr
+        assert zp.proc.wait(10) == 0
