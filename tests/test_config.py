@@ -237,3 +237,26 @@ def test_admin_address_is_host_and_port(text, expected):
 def test_admin_address_without_host_or_port_is_refused(text):
     with pytest.raises(ConfigError, match="--admin must be HOST:PORT"):
         settings({}, "--direct", "--admin", text)
+
+
+def test_a_tenants_file_needs_no_global_identity_or_credentials():
+    s = settings({"ZEP_TENANTS": " /etc/zep/tenants.toml ", "PROXY_HOST": "0.0.0.0", "PROXY_USERNAME": "",
+                  "PROXY_PASSWORD": ""})
+    assert s.tenants == "/etc/zep/tenants.toml"  # each tenant authenticates with its own hash
+    assert settings({}, "--tenants", "t.toml").tenants == "t.toml"
+
+
+@pytest.mark.parametrize(("env", "args", "message"), [
+    ({"ZITI_IDENTITIES": "a.json"}, [], "ZITI_IDENTITIES is set, but with ZEP_TENANTS each tenant has its own"),
+    ({"ZITI_IDENTITY": "e30="}, [], "ZITI_IDENTITY is set, but with ZEP_TENANTS"),
+    ({"ZITI_ENROLL_TOKEN": "t"}, [], "ZITI_ENROLL_TOKEN is set, but with ZEP_TENANTS"),
+    ({"PROXY_USERNAME": "ci", "PROXY_PASSWORD": "pw"}, [], "PROXY_USERNAME is set, but with ZEP_TENANTS"),
+    ({}, ["--password", "pw", "--username", ""], "--password is set, but with ZEP_TENANTS"),
+    ({}, ["--direct"], "--direct and ZEP_TENANTS are both set"),
+    ({"ZEP_NO_AUTH": "1"}, [], "ZEP_NO_AUTH is set, but with ZEP_TENANTS"),
+    ({"ZEP_WORKERS": "2"}, [], "ZEP_WORKERS=2 and ZEP_TENANTS are both set"),
+    ({"ZEP_MAX_HEAD_BYTES": "200000"}, [], "ZEP_MAX_HEAD_BYTES must be at most 131072 with ZEP_TENANTS"),
+])
+def test_global_identities_or_credentials_beside_tenants_are_refused(env, args, message):
+    with pytest.raises(ConfigError, match=message):
+        settings({"ZEP_TENANTS": "t.toml", **env}, *args)

@@ -138,21 +138,21 @@ def test_worker_settings_carry_only_the_tenant_s_identities_fallback_and_rules(t
     """)
     environ = {"TEAM_B_IDENTITY": "e30="}
     a, b = load_tenants(path, environ).tenants
-    settings = Settings(egress_rules=("deny *",), username="", password="", ready_file="/r.json")
+    settings = Settings(tenants=path, egress_rules=("deny *",), username="", password="", ready_file="/r.json")
     sa, sb = a.worker_settings(settings, environ), b.worker_settings(settings, environ)
     assert (sa.ziti_identities, sa.ziti_identity, sa.fallback) == (("/ids/a/*.json",), None, "direct")
     assert sa.egress_rules == ("allow *.a.example:443", "deny *")  # the tenant's first
     assert (sb.ziti_identities, sb.ziti_identity, sb.fallback, sb.egress_rules) == ((), "e30=", "deny", ("deny *",))
     for derived in (sa, sb):
-        assert (derived.username, derived.password, derived.ready_file) == ("", "", None)
+        assert (derived.tenants, derived.username, derived.password, derived.ready_file) == (None, "", "", None)
     with pytest.raises(ConfigError, match="tenant 'team-a': fallback proxy needs an upstream proxy"):
         dataclasses.replace(a, fallback="proxy").worker_settings(settings, environ)
 
 
 def test_front_settings_hold_no_identity():
-    settings = Settings(ziti_identities=("/x.json",), ziti_identity="e30=", enroll_token="t")
+    settings = Settings(tenants="/t.toml", ziti_identities=("/x.json",), ziti_identity="e30=", enroll_token="t")
     front = front_settings(settings)
-    assert not front.ziti_configured and not front.auth_required
+    assert not front.ziti_configured and front.tenants is None and not front.auth_required
 
 
 def test_logins_find_the_tenant_by_user_name_and_name_only_known_users():

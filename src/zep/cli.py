@@ -150,6 +150,8 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
         help="keep the enrolled identity here (mode 0600; loaded instead of enrolling when it "
              "exists); default: a private file removed at exit (ZEP_ENROLL_IDENTITY_OUT)")
     add("--enroll-token", nargs="?", action=RefuseSecretFlag, help=argparse.SUPPRESS)
+    add(flag["tenants"], dest="tenants", metavar="FILE",
+        help="serve several teams, each in its own worker process (ZEP_TENANTS; see README)")
 
 
 class RefuseSecretFlag(argparse.Action):
@@ -248,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "hash-password":
         return hash_password_command()
     flags = {key: value for key, value in vars(args).items() if key != "command"}
+    if args.command == "run" and (flags.get("tenants") or os.environ.get(ENVIRONMENT["tenants"])):
+        print(f"zep: error: zep run serves one job with its own identity; {ENVIRONMENT['tenants']} is for zep serve",
+              file=sys.stderr)
+        return EXIT_CONFIG
     try:
         settings = load_settings(os.environ, flags, RUN_DEFAULTS if args.command == "run" else None)
     except ConfigError as exc:
@@ -260,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from zep import jobrun
 
         return jobrun.run(settings, command)
+    if settings.tenants:
+        from zep.tenancy import serve_tenants
+
+        return serve_tenants(settings)
     if settings.workers > 1:
         from zep.pool import serve_with_workers
 

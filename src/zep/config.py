@@ -24,6 +24,7 @@ FALLBACK_POLICIES = ("direct", "deny", "proxy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 MAX_WORKERS = 1024
+MAX_TENANT_HEAD_BYTES = 128 * 1024  # with what one read brings behind it, within a hand-off (zep.handoff)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Settings:
     no_proxy: tuple[str, ...] = ()
     admin_address: str | None = None  # "HOST:PORT" of the admin listener; None: off
     workers: int = 1  # `zep serve` processes serving the listeners; 1: this process serves them itself
+    tenants: str | None = None  # the tenants file: one front process and a worker per tenant (zep.tenancy)
 
     @property
     def auth_required(self) -> bool:
@@ -131,6 +133,7 @@ ENVIRONMENT = {
     "no_proxy": "ZEP_NO_PROXY",
     "admin_address": "ZEP_ADMIN_ADDRESS",
     "workers": "ZEP_WORKERS",
+    "tenants": "ZEP_TENANTS",
 }
 
 # Setting name -> the variable naming a file that holds its value instead (a mounted Docker or
@@ -274,7 +277,7 @@ def _from_text(name: str, text: str, source: str) -> Any:
     if name == "egress_rules":
         return tuple(split_rules(text))
     if name in ("ziti_identity", "ready_file", "enroll_token", "enroll_token_file", "enroll_identity_out",
-                "upstream_proxy", "admin_address"):
+                "upstream_proxy", "admin_address", "tenants"):
         return text.strip() or None
     if name == "no_proxy":
         return host_list(text)
@@ -358,6 +361,8 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
         if getattr(s, name) not in choices:
             words = f"{', '.join(choices[:-1])} or {choices[-1]}"
             raise ConfigError(f"{where(name)} must be {words} (in any case), not {getattr(s, name)!r}")
+    if s.tenants:
+        _validate_tenants(s, where)
     _check_parses(where("upstream_no_proxy"), NoProxy.parse, s.upstream_no_proxy)
     _check_parses(where("upstream_proxy"), s.upstream)
     if flags.get("upstream_proxy") is not None and (upstream := s.upstream()) is not None and upstream.password:
@@ -382,6 +387,8 @@ def _validate(s: Settings, environ: Mapping[str, str], flags: Mapping[str, Any])
             split_host_port(s.admin_address)
         except ValueError as exc:
             raise ConfigError(f"{where('admin_address')} must be HOST:PORT (for example 127.0.0.1:9090): {exc}") from None
+    if s.tenants:
+        return  # each tenant brings its identities and a hashed password (checked in zep.tenants)
     given = [name for name in ("username", "password")
              if getattr(s, name) and _source_given(name, environ, flags) is not None]
     if s.no_auth and s.random_credentials:
@@ -442,6 +449,24 @@ def split_host_port(text: str) -> tuple[str, int]:
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{text!r} has no port from 0 to 65535")
     return host, int(port_text)
+
+
+def _validate_tenants(s: Settings, where: Callable[[str], str]) -> None:
+    """With a tenants file, identities and credentials are the tenants': a global one is a mistake."""
+    for name in ("ziti_identities", "ziti_identity", "enroll_token", "enroll_token_file", "username", "password",
+                 "no_auth", "random_credentials"):
+        if getattr(s, name) and getattr(s, name) != getattr(Settings(), name):
+            raise ConfigError(f"{where(name)} is set, but with {where('tenants')} each tenant has its own "
+                              "identities and password (see the tenants file)")
+    if s.direct:
+        raise ConfigError(f"{where('direct')} and {where('tenants')} are both set: give the tenants "
+                          "fallback = \"direct\" instead")
+    if s.workers > 1:
+        raise ConfigError(f"{where('workers')}={s.workers} and {where('tenants')} are both set: with tenants, "
+                          "zep runs one worker per tenant")
+    if s.max_head_bytes > MAX_TENANT_HEAD_BYTES:
+        raise ConfigError(f"{where('max_head_bytes')} must be at most {MAX_TENANT_HEAD_BYTES} with "
+                          f"{where('tenants')}: a request head travels to its tenant's worker in one message")
 
 
 def _is_loopback(host: str, source: str) -> bool:

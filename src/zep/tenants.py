@@ -58,7 +58,7 @@ class Tenant:
                               "ZEP_UPSTREAM_PROXY or --upstream-proxy")
         identity = environ[self.identity_env] if self.identity_env else None
         return dataclasses.replace(
-            settings, ziti_identities=self.identities, ziti_identity=identity, fallback=fallback,
+            settings, tenants=None, ziti_identities=self.identities, ziti_identity=identity, fallback=fallback,
             egress_rules=self.egress + settings.egress_rules, username="", password="", ready_file=None)
 
 
@@ -73,7 +73,7 @@ class Tenants:
 
 def front_settings(settings: Settings) -> Settings:
     """The settings of the front: the listeners, no identity ever, no proxy password of its own."""
-    return dataclasses.replace(settings, ziti_identities=(), ziti_identity=None, enroll_token=None,
+    return dataclasses.replace(settings, tenants=None, ziti_identities=(), ziti_identity=None, enroll_token=None,
                                enroll_token_file=None, enroll_identity_out=None, username="", password="",
                                ready_file=None)
 

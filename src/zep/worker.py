@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from zep.config import ENVIRONMENT, Settings
 from zep.readyfile import Ready
+from zep.serving import Connections
 from zep.supervisor import MAX_MESSAGE, receive
 
 if TYPE_CHECKING:
@@ -126,7 +127,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     channel.settimeout(None)
     configure_logging(settings.log_level, settings.log_format, args.id)
-    return run_proxy(settings, role=WorkerRole(channel, scraped=bool(hello.get("metrics"))))
+    return run_proxy(settings, role=WorkerRole(channel, scraped=bool(hello.get("metrics"))),
+                     connections=connections(hello))
+
+
+def connections(hello: Mapping[str, Any]) -> Connections | None:
+    """Where this worker's connections come from, by its role: its own listeners (None: a worker of
+    `--workers N`), or, serving tenants, the front's listeners or a tenant's hand-off socket."""
+    role = hello.get("role", "proxy")
+    if role == "front":
+        from zep.front import FrontListeners
+        from zep.tenancy import decode_tenant
+
+        tenants = [decode_tenant(values) for values in hello["tenants"]]
+        return FrontListeners(tenants, {values["name"]: values["socket"] for values in hello["tenants"]})
+    if role == "tenant":
+        from zep.tenancy import decode_tenant
+        from zep.tenant_worker import TenantHandoffs
+
+        return TenantHandoffs(decode_tenant(hello["tenant"]), hello["socket"])
+    return None
 
 
 if __name__ == "__main__":
