@@ -56,8 +56,27 @@ STOP_MARGIN = 5.0
 
 
 def serve_with_workers(settings: Settings) -> int:
+    def specs(ports: Mapping[str, int], addresses: Mapping[str, str]) -> tuple[list[WorkerSpec], Credentials | None]:
+        workers = worker_settings(settings, ports)
+        credentials = Credentials(workers.username, workers.password) if workers.auth_required else None
+        log.info("zep %s: %d workers sharing %s", zep.__version__, settings.workers,
+                 ", ".join(f"{proto} on {address}" for proto, address in addresses.items()))
+        scraped = settings.admin_address is not None  # the supervisor serves /metrics for them all
+        return [worker_spec(workers, str(n), scraped=scraped) for n in range(1, settings.workers + 1)], credentials
+
+    return supervise(settings, specs)
+
+
+# What to run, once the ports are reserved: (their numbers, their addresses) -> (the specs, the
+# credentials the ready file tells).
+SpecsFor = Callable[[Mapping[str, int], Mapping[str, str]], tuple[Sequence[WorkerSpec], Credentials | None]]
+
+
+def supervise(settings: Settings, specs_for: SpecsFor) -> int:
+    """Reserve the ports (and the admin listener's), run the workers `specs_for` gives under the
+    supervisor, and keep the ready file (every worker's pid) while they run; zep's exit status."""
     if not settings.dumpable:
-        hardening.make_undumpable()  # it holds every worker's settings: the password, a base64 identity
+        hardening.make_undumpable()  # it holds every worker's settings: passwords, base64 identities
     try:
         if settings.ready_file:
             readyfile.claim(settings.ready_file)
@@ -75,11 +94,7 @@ def serve_with_workers(settings: Settings) -> int:
     try:
         addresses = {proto: format_address(sock.getsockname()) for proto, sock in reserved.items()}
         admin_address = format_address(admin_sock.getsockname()) if admin_sock is not None else None
-        workers = worker_settings(settings, {proto: sock.getsockname()[1] for proto, sock in reserved.items()})
-        credentials = Credentials(workers.username, workers.password) if workers.auth_required else None
-        specs = [worker_spec(workers, str(n), scraped=admin_sock is not None) for n in range(1, settings.workers + 1)]
-        log.info("zep %s: %d workers sharing %s", zep.__version__, len(specs),
-                 ", ".join(f"{proto} on {address}" for proto, address in addresses.items()))
+        specs, credentials = specs_for({proto: sock.getsockname()[1] for proto, sock in reserved.items()}, addresses)
 
         def all_ready(running: Sequence[Worker]) -> None:
             if not settings.ready_file:

@@ -20,16 +20,14 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import zep
-from zep import hardening, pool, readyfile
+from zep import pool
 from zep.config import ConfigError, Settings
-from zep.pool import EXIT_CONFIG, reserve_ports
-from zep.readyfile import Ready, ReadyFileError
-from zep.server import format_address
-from zep.supervisor import Supervisor, Worker, WorkerSpec
+from zep.pool import EXIT_CONFIG
+from zep.supervisor import WorkerSpec
 from zep.tenants import FRONT, Tenant, Tenants, front_settings, load_tenants
 from zep.worker import encode_settings, worker_environment
 
@@ -52,50 +50,26 @@ def serve_tenants(settings: Settings, environ: Mapping[str, str] = os.environ) -
     except ConfigError as exc:
         print(f"zep: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if not settings.dumpable:
-        hardening.make_undumpable()  # it holds every tenant's hash and identities
-    try:
-        if settings.ready_file:
-            readyfile.claim(settings.ready_file)
-        reserved = reserve_ports(settings)
-    except (OSError, ReadyFileError) as exc:
-        print(f"zep: error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
-        return EXIT_CONFIG
     directory = tempfile.mkdtemp(prefix="zep-tenants-")  # mode 0700: only zep's user reaches the sockets
-    try:
-        addresses = {proto: format_address(sock.getsockname()) for proto, sock in reserved.items()}
-        front = pool.worker_settings(front_settings(settings), {proto: sock.getsockname()[1]
-                                                               for proto, sock in reserved.items()})
-        sockets = {t.name: os.path.join(directory, f"{t.name}.sock") for t in tenants.tenants}
-        env = child_environment(environ, tenants)
-        specs = [spec(FRONT, "front", env, {"settings": encode_settings(front), "tenants": [
-            {**tenant_hello(t), "socket": sockets[t.name]} for t in tenants.tenants]})]
-        specs += [spec(t.name, "tenant", env, {"settings": encode_settings(workers[t.name]), "tenant": tenant_hello(t),
-                                               "socket": sockets[t.name]}) for t in tenants.tenants]
+    sockets = {t.name: os.path.join(directory, f"{t.name}.sock") for t in tenants.tenants}
+    env = child_environment(environ, tenants)
+
+    def specs(ports: Mapping[str, int], addresses: Mapping[str, str]) -> tuple[list[WorkerSpec], None]:
+        front = pool.worker_settings(front_settings(settings), ports)
+        own = {name: pool.worker_settings(values, ports) for name, values in workers.items()}  # no admin listener
         log.info("zep %s: a front on %s and a worker for each of %d tenants (%s)", zep.__version__,
                  ", ".join(f"{proto} {address}" for proto, address in addresses.items()), len(tenants.tenants),
                  ", ".join(t.name for t in tenants.tenants))
+        scraped = settings.admin_address is not None  # the supervisor serves /metrics for them all
+        return [spec(FRONT, "front", env, {"settings": encode_settings(front), "metrics": scraped, "tenants": [
+                    {**tenant_hello(t), "socket": sockets[t.name]} for t in tenants.tenants]}),
+                *(spec(t.name, "tenant", env, {"settings": encode_settings(own[t.name]), "metrics": scraped,
+                                               "tenant": tenant_hello(t), "socket": sockets[t.name]})
+                  for t in tenants.tenants)], None
 
-        def all_ready(running: Sequence[Worker]) -> None:
-            if not settings.ready_file:
-                return
-            ready = Ready(os.getpid(), addresses.get("socks5"), addresses.get("http"), None, settings.no_proxy,
-                          tuple((w.spec.name, w.pid) for w in running if w.pid is not None))
-            try:
-                readyfile.write(settings.ready_file, ready)
-            except ReadyFileError as exc:
-                print(f"zep: error: {exc}", file=sys.stderr, flush=True)
-                supervisor.stop(EXIT_CONFIG)
-
-        supervisor = Supervisor(specs, on_all_ready=all_ready, stop_timeout=pool.stop_timeout(settings))
-        try:
-            return supervisor.run()
-        finally:
-            if settings.ready_file:
-                readyfile.remove(settings.ready_file, os.getpid())
+    try:
+        return pool.supervise(settings, specs)
     finally:
-        for sock in reserved.values():
-            sock.close()
         shutil.rmtree(directory, ignore_errors=True)
 
 
