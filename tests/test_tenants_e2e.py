@@ -271,3 +271,37 @@ def test_a_tenant_whose_identity_cannot_load_stops_zep_with_its_reason(tmp_path:
     assert str(missing) in result.stderr and "zep: error: " in result.stderr
 
 
+
+
+def test_each_tenant_s_egress_rules_and_fallback_apply_in_its_own_worker(tmp_path: Path, openziti_path: Path,
+                                                                         service_a: Upstream) -> None:
+    """Outside Ziti: team A's own rule denies the destination (403, the rule named in its access
+    line), team B's fallback dials it directly, and a global rule comes after each tenant's own."""
+    hashed = hash_password("pw")
+    path = tmp_path / "tenants.toml"
+    path.write_text(f"""
+[[tenant]]
+name = "team-a"
+password_hash = "{hashed}"
+fallback = "direct"
+egress = ["deny 127.0.0.1/32:{service_a.port}"]
+
+[[tenant]]
+name = "team-b"
+password_hash = "{hashed}"
+fallback = "direct"
+""")
+    url = f"http://{service_a.authority}/whoami"
+    with start_zep("--tenants", str(path), "--egress", "allow 127.0.0.0/8", "--egress-default", "deny",
+                   extra_pythonpath=[str(openziti_path)]) as zp:
+        denied = through_http(zp, "team-a", "pw", "--write-out", "%{http_code}", "--output", "/dev/null", url=url)
+        assert denied.stdout == b"403"
+        line = zp.wait_for_log("tenant=team-a ")
+        assert f'detail="egress rule 1 \\"deny 127.0.0.1/32:{service_a.port}\\""' in line
+        assert "route=deny" in line and "outcome=denied" in line
+        assert whoami(through_http(zp, "team-b", "pw", url=url)) == "service-a"  # global "allow 127.0.0.0/8"
+        assert "route=direct" in zp.wait_for_log("tenant=team-b ")
+        blocked = through_socks(zp, "team-b", "pw", url="http://192.0.2.1/")  # the global default: deny
+        assert blocked.returncode != 0
+        line = zp.wait_for_log("proto=socks5 tenant=team-b ")
+        assert "outcome=denied" in line and "egress default deny" in line
