@@ -1,4 +1,5 @@
-"""The relay contract, run against both implementations.
+"""The relay contract, run against both implementations, each through both of its interfaces:
+`relay()` (a coroutine) and `start_pair()` (a callback, for the fast path).
 
 Every test drives real sockets (loopback TCP or socketpairs). The ends the
 relay does not own ("the client app" and "the upstream server") are driven
@@ -56,10 +57,33 @@ def load(name: str):
     return mod
 
 
-@pytest.fixture(params=["cython", "python"])
+class CallbackRelay:
+    """A relay module seen through start_pair(): relay() awaits the pair's done callback, so that
+    every test of the contract holds for the fast path's interface too."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+    async def relay(self, client, upstream, *, to_upstream=b"", to_client=b"", idle_timeout):
+        done = asyncio.get_running_loop().create_future()
+        handle = self.module.start_pair(client, upstream, to_upstream=to_upstream, to_client=to_client,
+                                        idle_timeout=idle_timeout, done=done.set_result)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise RelayCancelled(await done) from None
+
+
+@pytest.fixture(params=["cython", "python", "cython-callback", "python-callback"])
 def impl(request):
-    """The relay under test, once per implementation."""
-    return load(request.param)
+    """The relay under test, once per implementation and interface."""
+    name, _, interface = request.param.partition("-")
+    module = load(name)
+    return CallbackRelay(module) if interface else module
 
 
 @pytest.fixture

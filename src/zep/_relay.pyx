@@ -42,7 +42,7 @@ from zep.includes cimport system as c
 
 from zep.relay_result import RelayCancelled, RelayEnd, RelayResult, RelayUnavailable
 
-__all__ = ["relay", "start", "ready", "stop", "stats"]
+__all__ = ["relay", "start_pair", "start", "ready", "stop", "stats"]
 
 
 # -- engine data (plain C) ---------------------------------------------------------
@@ -528,7 +528,7 @@ cdef void on_event(Engine *e, Pair *p, int side, unsigned int events) noexcept n
     pump(e, p)
 
 
-cdef void start_pair(Engine *e, Pair *p) noexcept nogil:
+cdef void begin_pair(Engine *e, Pair *p) noexcept nogil:
     cdef c.epoll_event ev
     cdef int k
     p.act_prev = NULL
@@ -609,7 +609,7 @@ cdef bint take_commands(Engine *e, uint64_t *stats_asked) noexcept nogil:
     p = sq
     while p != NULL:
         nxt = p.sq_next
-        start_pair(e, p)
+        begin_pair(e, p)
         p = nxt
     while kill != NULL:
         finish(e, kill, END_CANCELLED)
@@ -748,6 +748,22 @@ cdef class _Waiter:
     cdef object fut
     cdef object result   # (up, down, ended, err) once the engine is done
     cdef uintptr_t ptr
+    # start_pair(): called with the RelayResult instead of a future (see PairHandle)
+    cdef object done
+    cdef double t0
+    cdef bint cancelled
+
+
+cdef class PairHandle:
+    """A pair started with start_pair(): cancel() ends it; `done` still gets the counts."""
+    cdef _Waiter w
+    cdef _Engine eng
+
+    def cancel(self):
+        w = self.w
+        if w.result is None and not w.cancelled:
+            w.cancelled = True
+            self.eng.cancel(w.ptr)
 
 
 cdef class _Engine:
@@ -908,7 +924,11 @@ cdef class _Engine:
         for ptr, up, down, ended, err, down_shut in done:
             w = <_Waiter>self.waiting.pop(ptr)
             w.result = (up, down, ended, err, down_shut)
-            _wake(w)
+            if w.done is not None:
+                self.release(ptr)
+                _call_done(w)
+            else:
+                _wake(w)
 
     cdef void release(self, uintptr_t ptr) noexcept:
         """Drop relay()'s reference to a posted pair."""
@@ -1035,6 +1055,24 @@ cdef _wake(_Waiter w):
         w.loop.call_soon_threadsafe(_set_if_pending, fut)
 
 
+cdef _call_done(_Waiter w):
+    """Hand a start_pair() pair's result to its callback, on its own loop."""
+    up, down, ended, err, down_shut = w.result
+    end = RelayEnd.CANCELLED if w.cancelled else _END[ended]
+    result = RelayResult(up, down, time.monotonic() - w.t0, end,
+                         _errname(err) if end in (RelayEnd.CLIENT_ERROR, RelayEnd.UPSTREAM_ERROR) else "",
+                         download_finished=bool(down_shut))
+    done, w.done = w.done, None
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is w.loop:
+        done(result)
+    elif not w.loop.is_closed():
+        w.loop.call_soon_threadsafe(done, result)
+
+
 def _set_if_pending(fut):
     if not fut.done():
         fut.set_result(None)
@@ -1092,6 +1130,45 @@ def stats():
 
 def _errname(int err):
     return _errno.errorcode.get(err, str(err)) if err else ""
+
+
+def start_pair(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeout, done):
+    """Relay like relay(), without a coroutine: `done(RelayResult)` is called on this loop when
+    the pair ends (cancelled too). Returns a PairHandle. Takes ownership of both sockets at once;
+    raises RelayUnavailable (both closed, the client's with a reset) for a pair it cannot run."""
+    cdef _Engine eng = _current()
+    cdef _Waiter w = _Waiter()
+    cdef PairHandle handle = PairHandle()
+    cdef int cfd, ufd
+    w.t0 = time.monotonic()
+    w.loop = asyncio.get_running_loop()
+    stream = (client.type == socket.SOCK_STREAM, upstream.type == socket.SOCK_STREAM)
+    cfd, ufd = _detach(client, upstream)
+    try:
+        if eng is None:
+            raise RelayUnavailable("the compiled relay is not running in this process (start() it first)")
+        if cfd < 0 or ufd < 0:
+            raise OSError(_errno.EBADF, "start_pair() needs two open sockets")
+        w.done = done
+        eng.watch(w.loop)
+        eng.submit(w, cfd, ufd, stream[0], stream[1], bytes(to_upstream), bytes(to_client), idle_timeout)
+    except BaseException:
+        if cfd >= 0:
+            reset_close(cfd)
+        if ufd >= 0:
+            unistd.close(ufd)
+        raise
+    handle.w, handle.eng = w, eng
+    return handle
+
+
+def _detach(client, upstream):
+    """Both sockets' fds, non-blocking, detached from their socket objects."""
+    if client.gettimeout() is None:
+        client.setblocking(False)
+    if upstream.gettimeout() is None:
+        upstream.setblocking(False)
+    return client.detach(), upstream.detach()
 
 
 async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeout):

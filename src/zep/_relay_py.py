@@ -17,10 +17,11 @@ import errno
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from zep.relay_result import RelayCancelled, RelayEnd, RelayResult
 
-__all__ = ["relay", "start", "ready"]
+__all__ = ["relay", "start_pair", "start", "ready"]
 
 CHUNK = 65536  # one read per direction; below malloc's mmap threshold, and freed once sent
 
@@ -106,7 +107,8 @@ class _Direction:
 
 class _Pair:
     def __init__(self, loop: asyncio.AbstractEventLoop, client: socket.socket, upstream: socket.socket,
-                 to_upstream: bytes, to_client: bytes, idle_timeout: float | None) -> None:
+                 to_upstream: bytes, to_client: bytes, idle_timeout: float | None,
+                 done: Callable[[RelayResult], None] | None = None) -> None:
         self.loop = loop
         self.client = client
         self.upstream = upstream
@@ -118,7 +120,10 @@ class _Pair:
         self.ending = False
         self.ended = RelayEnd.DONE
         self.error = ""
-        self.done: asyncio.Future[None] = loop.create_future()
+        self.t0 = time.monotonic()
+        # relay() awaits `ended`; a start_pair() pair calls `done` instead
+        self.ended_future: asyncio.Future[None] | None = loop.create_future() if done is None else None
+        self.done = done
 
     def start(self) -> None:
         if self.idle_timeout is not None:
@@ -158,8 +163,21 @@ class _Pair:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             sock.close()
-        if not self.done.done():
-            self.done.set_result(None)
+        if self.done is not None:
+            done, self.done = self.done, None
+            done(self.result())
+        elif not self.ended_future.done():
+            self.ended_future.set_result(None)
+
+    def result(self, ended: RelayEnd | None = None) -> RelayResult:
+        ended = ended or self.ended
+        failed = ended in (RelayEnd.CLIENT_ERROR, RelayEnd.UPSTREAM_ERROR)
+        return RelayResult(self.up.bytes, self.down.bytes, time.monotonic() - self.t0, ended,
+                           self.error if failed else "", download_finished=self.down.shut)
+
+    def cancel(self) -> None:
+        """start_pair()'s handle: end the pair now; `done` still gets the counts."""
+        self.finish(RelayEnd.CANCELLED)
 
 
 def start() -> None:
@@ -182,24 +200,32 @@ async def relay(
 
     Takes ownership of both sockets (they are closed when this returns or raises).
     """
-    loop = asyncio.get_running_loop()
-    t0 = time.monotonic()
-    pair = _Pair(loop, client, upstream, bytes(to_upstream), bytes(to_client), idle_timeout)
-
-    def result(ended: RelayEnd) -> RelayResult:
-        failed = ended in (RelayEnd.CLIENT_ERROR, RelayEnd.UPSTREAM_ERROR)
-        return RelayResult(pair.up.bytes, pair.down.bytes, time.monotonic() - t0, ended, pair.error if failed else "",
-                           download_finished=pair.down.shut)
-
+    pair = _Pair(asyncio.get_running_loop(), client, upstream, bytes(to_upstream), bytes(to_client), idle_timeout)
     try:
         client.setblocking(False)
         upstream.setblocking(False)
         pair.start()
-        await asyncio.shield(pair.done)
+        await asyncio.shield(pair.ended_future)
     except asyncio.CancelledError:
         pair.finish(RelayEnd.CANCELLED)
-        raise RelayCancelled(result(RelayEnd.CANCELLED)) from None
+        raise RelayCancelled(pair.result(RelayEnd.CANCELLED)) from None
     except BaseException:
         pair.finish(RelayEnd.CANCELLED)  # cannot relay: both closed, with a reset
         raise
-    return result(pair.ended)
+    return pair.result()
+
+
+def start_pair(client: socket.socket, upstream: socket.socket, *, to_upstream: bytes = b"", to_client: bytes = b"",
+               idle_timeout: float | None, done: Callable[[RelayResult], None]) -> _Pair:
+    """Relay like relay(), without a coroutine: `done(RelayResult)` is called when the pair ends
+    (cancelled too, perhaps before this returns). Returns the pair, whose cancel() ends it."""
+    pair = _Pair(asyncio.get_running_loop(), client, upstream, bytes(to_upstream), bytes(to_client), idle_timeout,
+                 done)
+    try:
+        client.setblocking(False)
+        upstream.setblocking(False)
+        pair.start()
+    except BaseException:
+        pair.finish(RelayEnd.CANCELLED)
+        raise
+    return pair

@@ -36,7 +36,8 @@ implementation, IMPLEMENTATION, WHY = _choose()
 start = implementation.start  # before the first pair: the server calls it before it listens
 ready = implementation.ready
 relay = implementation.relay
+start_pair = implementation.start_pair  # relay() on callbacks (zep.fastpath)
 # The engine's counters (a dict) for the metrics; None for the pure-Python relay, which keeps none.
 stats = getattr(implementation, "stats", None)
 
-__all__ = ["relay", "start", "ready", "stats", "implementation", "IMPLEMENTATION", "WHY"]
+__all__ = ["relay", "start_pair", "start", "ready", "stats", "implementation", "IMPLEMENTATION", "WHY"]

@@ -22,6 +22,7 @@ import asyncio
 import enum
 import socket
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -76,3 +77,15 @@ class Relay(Protocol):
     async def relay(self, client: socket.socket, upstream: socket.socket, *, to_upstream: bytes = b"",
                     to_client: bytes = b"", idle_timeout: float | None) -> RelayResult:
         """Relay until the pair ends (the contract above); takes ownership of both sockets."""
+
+    def start_pair(self, client: socket.socket, upstream: socket.socket, *, to_upstream: bytes = b"",
+                   to_client: bytes = b"", idle_timeout: float | None,
+                   done: Callable[[RelayResult], None]) -> PairHandle:
+        """relay() without a coroutine, for the fast path: `done` gets the result on this loop when
+        the pair ends (cancelled through the handle too: RelayEnd.CANCELLED, the counts so far).
+        Raises RelayUnavailable (both sockets closed) for a pair it cannot run."""
+
+
+class PairHandle(Protocol):
+    def cancel(self) -> None:
+        """End the pair now; its `done` callback still gets the result."""
