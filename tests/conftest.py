@@ -12,6 +12,8 @@ from tests.support.upstreams import TCPUpstream, Upstream, http_upstream, self_s
 from tests.support.zepproc import ZepProcess, start_zep
 
 RELAYS = ["cython", "python"]
+# The SOCKS5 and CONNECT suites run against both drivers (ZEP_FAST_PATH): the outcomes must not differ.
+DRIVERS = ["fast", "coroutine"]
 
 
 @pytest.fixture(scope="session")
@@ -68,21 +70,26 @@ def relay_impl(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.fixture(scope="module", params=DRIVERS)
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    return request.param == "fast"
+
+
 def assert_relay(zp: ZepProcess, relay: str) -> None:
     zp.wait_for_log(f"relay={relay}")
 
 
 @pytest.fixture(scope="module")
-def zep(relay_impl: str) -> Iterator[ZepProcess]:
+def zep(relay_impl: str, fast_path: bool) -> Iterator[ZepProcess]:
     """zep serving both protocols without authentication, dialing directly."""
-    with start_zep("--direct", relay=relay_impl) as zp:
+    with start_zep("--direct", relay=relay_impl, fast_path=fast_path) as zp:
         assert_relay(zp, relay_impl)
         yield zp
 
 
 @pytest.fixture(scope="module")
-def zep_auth(relay_impl: str) -> Iterator[ZepProcess]:
+def zep_auth(relay_impl: str, fast_path: bool) -> Iterator[ZepProcess]:
     """zep requiring the credentials alice / s3cret."""
-    with start_zep("--direct", relay=relay_impl, env={"PROXY_USERNAME": "alice", "PROXY_PASSWORD": "s3cret"}) as zp:
+    with start_zep("--direct", relay=relay_impl, fast_path=fast_path, env={"PROXY_USERNAME": "alice", "PROXY_PASSWORD": "s3cret"}) as zp:
         assert_relay(zp, relay_impl)
         yield zp

@@ -1,5 +1,8 @@
-"""The driver in process: real sockets (a socketpair for the client, loopback upstreams), the real
-exchanges, short named timeouts; what the client sees and the access entries that come out."""
+"""The drivers in process: real sockets (a socketpair for the client, loopback upstreams), the real
+exchanges, short named timeouts; what the client sees and the access entries that come out.
+
+Every test runs against both drivers, the coroutine `Driver` and the fast path (`FastConnection`,
+which hands HTTP forwarding over to a `Driver` midway): the same bytes and the same entries."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from zep import relay
 from zep.routing import Router
 from zep.server import Context, ProxyServer
 from zep.socks_exchange import Socks5Exchange
+from tests.support.drivers import DRIVERS, start
 
 SHORT = 0.3
 
@@ -45,18 +49,23 @@ def context(**timeouts: float) -> Context:
     values.update(timeouts)
     settings = Settings(direct=True, **values)
     relay.start()  # once per process, as the server does before it listens
-    return Context(settings, Router([], DirectDialer(), settings.connect_timeout), relay.relay, None, relay.ready)
+    return Context(settings, Router([], DirectDialer(), settings.connect_timeout), relay.relay, None, relay.ready, start_pair=relay.start_pair)
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 @contextlib.asynccontextmanager
-async def connection(kind: str = "http", **timeouts: float) -> AsyncIterator[tuple[socket.socket, asyncio.Task]]:
+async def connection(driver: str, kind: str = "http", **timeouts: float) -> AsyncIterator[tuple[socket.socket, asyncio.Task]]:
     """A driver on one end of a socketpair; yields the client's end (non-blocking) and its task."""
     ctx = context(**timeouts)
     ours, theirs = socket.socketpair()
     for sock in (ours, theirs):
         sock.setblocking(False)
     exchange = HttpExchange(None, 65536) if kind == "http" else Socks5Exchange(None)
-    task = asyncio.get_running_loop().create_task(Driver(ctx, theirs, AccessRecord("test", kind), exchange).run())
+    task = start(driver, ctx, theirs, kind, exchange).task
     try:
         yield ours, task
     finally:
@@ -88,11 +97,11 @@ async def read_until_closed(sock: socket.socket, limit: float = 5) -> bytes:
             data += block
 
 
-def test_socks5_tunnel_and_its_entry(entries):
+def test_socks5_tunnel_and_its_entry(driver, entries):
     async def main():
         server, port = listener()
         loop = asyncio.get_running_loop()
-        async with connection("socks5") as (client, task):
+        async with connection(driver, "socks5") as (client, task):
             await loop.sock_sendall(client, b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big") + b"hi")
             upstream, _ = await loop.sock_accept(server)
             assert await loop.sock_recv(upstream, 2) == b"hi"
@@ -109,12 +118,12 @@ def test_socks5_tunnel_and_its_entry(entries):
     assert (entry.proto, entry.outcome, entry.up, entry.down) == ("socks5", Outcome.OK, 2, 2)
 
 
-def test_silent_client_gets_the_http_request_timeout(entries):
+def test_silent_client_gets_the_http_request_timeout(driver, entries):
     async def main():
-        async with connection("socks5") as (client, task):
+        async with connection(driver, "socks5") as (client, task):
             await asyncio.get_running_loop().sock_sendall(client, b"\x05")
             assert await read_until_closed(client) == b""
-        async with connection("http") as (client, task):
+        async with connection(driver, "http") as (client, task):
             await asyncio.get_running_loop().sock_sendall(client, b"GET http://127.0.0.1:1/ HTTP/1.1\r\n")
             assert (await read_until_closed(client)).startswith(b"HTTP/1.1 408 ")
 
@@ -122,11 +131,11 @@ def test_silent_client_gets_the_http_request_timeout(entries):
     assert [e.outcome for e in entries] == [Outcome.REQUEST_TIMEOUT, Outcome.REQUEST_TIMEOUT]
 
 
-def test_client_stopping_mid_body_gets_the_client_timeout(entries):
+def test_client_stopping_mid_body_gets_the_client_timeout(driver, entries):
     async def main():
         server, port = listener()
         loop = asyncio.get_running_loop()
-        async with connection() as (client, task):
+        async with connection(driver) as (client, task):
             await loop.sock_sendall(client, f"POST http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: a\r\n"
                                             "Content-Length: 100\r\n\r\n0123456789".encode())
             upstream, _ = await loop.sock_accept(server)
@@ -140,11 +149,11 @@ def test_client_stopping_mid_body_gets_the_client_timeout(entries):
     assert (entry.outcome, entry.status, entry.method) == (Outcome.CLIENT_TIMEOUT, 408, "POST")
 
 
-def test_upstream_not_reading_the_body_is_the_server_timeout_and_the_client_is_not_read_meanwhile(entries):
+def test_upstream_not_reading_the_body_is_the_server_timeout_and_the_client_is_not_read_meanwhile(driver, entries):
     async def main():
         server, port = listener()
         loop = asyncio.get_running_loop()
-        async with connection() as (client, task):
+        async with connection(driver) as (client, task):
             client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
             head = f"POST http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\n"
             await loop.sock_sendall(client, head.encode())
@@ -173,11 +182,11 @@ def test_upstream_not_reading_the_body_is_the_server_timeout_and_the_client_is_n
     assert (entry.outcome, entry.status) == (Outcome.SERVER_TIMEOUT, 504)
 
 
-def test_client_not_reading_the_response_is_the_client_timeout(entries):
+def test_client_not_reading_the_response_is_the_client_timeout(driver, entries):
     async def main():
         server, port = listener()
         loop = asyncio.get_running_loop()
-        async with connection() as (client, task):
+        async with connection(driver) as (client, task):
             await loop.sock_sendall(client, f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode())
             upstream, _ = await loop.sock_accept(server)
             await loop.sock_recv(upstream, 65536)
@@ -196,11 +205,11 @@ def test_client_not_reading_the_response_is_the_client_timeout(entries):
     assert entry.down < 30_000_000
 
 
-def test_silent_upstream_is_the_server_timeout_and_keep_alive_ends_quietly(entries):
+def test_silent_upstream_is_the_server_timeout_and_keep_alive_ends_quietly(driver, entries):
     async def main():
         server, port = listener()
         loop = asyncio.get_running_loop()
-        async with connection() as (client, task):
+        async with connection(driver) as (client, task):
             request = f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode()
             await loop.sock_sendall(client, request)
             upstream, _ = await loop.sock_accept(server)
@@ -209,7 +218,7 @@ def test_silent_upstream_is_the_server_timeout_and_keep_alive_ends_quietly(entri
             await loop.sock_sendall(client, request)  # the same upstream connection, which stays silent now
             assert (await read_until_closed(client)).startswith(b"HTTP/1.1 504 ")
             upstream.close()
-        async with connection() as (client, task):
+        async with connection(driver) as (client, task):
             await loop.sock_sendall(client, f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode())
             upstream, _ = await loop.sock_accept(server)
             await loop.sock_sendall(upstream, b"HTTP/1.1 204 No Content\r\n\r\n")
@@ -222,11 +231,11 @@ def test_silent_upstream_is_the_server_timeout_and_keep_alive_ends_quietly(entri
                                                         (Outcome.OK, 204)]
 
 
-def test_early_response_while_the_client_is_still_sending(entries):
+def test_early_response_while_the_client_is_still_sending(driver, entries):
     async def main():
         server, port = listener()
         loop = asyncio.get_running_loop()
-        async with connection(client_timeout=5) as (client, task):
+        async with connection(driver, client_timeout=5) as (client, task):
             await loop.sock_sendall(client, f"PUT http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: a\r\n"
                                             "Content-Length: 10000000\r\n\r\n".encode() + b"x" * 1000)
             upstream, _ = await loop.sock_accept(server)
@@ -271,11 +280,11 @@ def test_drain_closes_a_kept_alive_connection_between_requests(entries):
     assert [e.outcome for e in entries] == [Outcome.OK]
 
 
-def test_cancel_logs_with_the_counts(entries):
+def test_cancel_logs_with_the_counts(driver, entries):
     async def main():
         server, port = listener()
         loop = asyncio.get_running_loop()
-        async with connection("socks5", tunnel_timeout=30) as (client, task):
+        async with connection(driver, "socks5", tunnel_timeout=30) as (client, task):
             await loop.sock_sendall(client, b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big"))
             upstream, _ = await loop.sock_accept(server)
             await loop.sock_recv(client, 12)
@@ -292,11 +301,11 @@ def test_cancel_logs_with_the_counts(entries):
     assert (entry.outcome, entry.up) == (Outcome.CANCELLED, 3)
 
 
-def test_a_kept_alive_requests_duration_starts_with_its_first_byte(entries):
+def test_a_kept_alive_requests_duration_starts_with_its_first_byte(driver, entries):
     async def main():
         server, port = listener()
         loop = asyncio.get_running_loop()
-        async with connection(http_keep_alive_timeout=30) as (client, task):
+        async with connection(driver, http_keep_alive_timeout=30) as (client, task):
             request = f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode()
             await loop.sock_sendall(client, request)
             upstream, _ = await loop.sock_accept(server)

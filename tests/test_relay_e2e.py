@@ -159,7 +159,7 @@ def test_a_pair_the_relay_refuses_is_logged_as_zeps_internal_error(storm_echo):
 
     async def main() -> None:
         settings = Settings(direct=True, username="", password="")
-        server = ProxyServer(Context(settings, Router([], DirectDialer(), 5.0), _relay.relay, None, _relay.ready))
+        server = ProxyServer(Context(settings, Router([], DirectDialer(), 5.0), _relay.relay, None, _relay.ready, start_pair=_relay.start_pair))
         port = server.listen("socks5", 0, lambda ctx: Socks5Exchange(None)).address[1]
         def client() -> tuple[int, bytes]:
             with socks_session(port, storm_echo.host, storm_echo.port) as (sock, reply):

@@ -132,6 +132,9 @@ def add_serve_arguments(command: argparse.ArgumentParser) -> None:
         help="most concurrent client connections; 0: what the open-files limit carries (ZEP_MAXCONN)")
     add(flag["max_head_bytes"], dest="max_head_bytes", type=int, metavar="BYTES",
         help="largest HTTP request head (ZEP_MAX_HEAD_BYTES)")
+    add(flag["fast_path"], dest="fast_path", action=argparse.BooleanOptionalAction,
+        help="SOCKS5 and HTTP CONNECT from accept to relay on event-loop callbacks; "
+             "--no-fast-path: a coroutine per connection, as for forwarded HTTP (ZEP_FAST_PATH)")
     add(flag["ziti_service_suffix"], dest="ziti_service_suffix", metavar="SUFFIX",
         help="host suffix that names a Ziti service directly (ZEP_ZITI_SERVICE_SUFFIX)")
     add(flag["log_level"], dest="log_level", type=str.lower, choices=CHOICES["log_level"], help="(ZEP_LOG_LEVEL)")

@@ -58,6 +58,7 @@ class Settings:
     drain_timeout: float = 25.0
     max_connections: int = 0  # 0: as many as the open-files limit carries (fdlimit)
     max_head_bytes: int = 65536
+    fast_path: bool = True  # SOCKS5 and CONNECT on loop callbacks (zep.fastpath); off: the coroutine driver
     ziti_load_timeout: float = 30.0
     ziti_service_suffix: str = ".ziti"
     log_level: str = "info"
@@ -122,6 +123,7 @@ ENVIRONMENT = {
     "drain_timeout": "ZEP_DRAIN_TIMEOUT",
     "max_connections": "ZEP_MAXCONN",
     "max_head_bytes": "ZEP_MAX_HEAD_BYTES",
+    "fast_path": "ZEP_FAST_PATH",
     "ziti_load_timeout": "ZEP_ZITI_LOAD_TIMEOUT",
     "ziti_service_suffix": "ZEP_ZITI_SERVICE_SUFFIX",
     "log_level": "ZEP_LOG_LEVEL",

@@ -87,27 +87,43 @@ class DirectDialer:
 
     async def dial(self, host: str, port: int, timeout: float) -> Upstream:
         loop = asyncio.get_running_loop()
-        if self.policy is not None and (verdict := self.policy.refuse_early(host, port)) is not None:
-            raise DialError(Failure.NOT_ALLOWED, verdict.reason)
         try:
             async with asyncio.timeout(timeout):
-                addresses = _literal_address(host, port)
+                addresses = self.literal_addresses(host, port)
                 if addresses is None:
                     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                     addresses = _interleave_families(infos)
-                if self.policy is not None:
-                    addresses = _allowed_addresses(self.policy, host, port, addresses)
+                    if self.policy is not None:
+                        addresses = _allowed_addresses(self.policy, host, port, addresses)
                 sock = await _connect_happy_eyeballs(addresses, self.HAPPY_EYEBALLS_DELAY)
         except TimeoutError:
-            raise DialError(Failure.TIMEOUT, f"connect to {host}:{port} timed out after {timeout:g}s") from None
+            raise connect_timed_out(host, port, timeout) from None
         except socket.gaierror as exc:
             raise DialError(Failure.HOST_UNREACHABLE, f"cannot resolve {host}: {exc.strerror}") from None
         except UnicodeError:
             raise DialError(Failure.HOST_UNREACHABLE, f"cannot resolve {host}: not a valid host name") from None
         except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise DialError(failure_for_os_error(exc), f"connect to {host}:{port} failed: {reason}") from None
+            raise connect_failed(exc, host, port) from None
         return Upstream(sock, "direct")
+
+    def literal_addresses(self, host: str, port: int) -> list[tuple[int, tuple]] | None:
+        """The addresses to dial for an IP literal (no resolver needed), None for a name; raises
+        DialError when the policy refuses the destination (a name: before any DNS query)."""
+        if self.policy is not None and (verdict := self.policy.refuse_early(host, port)) is not None:
+            raise DialError(Failure.NOT_ALLOWED, verdict.reason)
+        addresses = _literal_address(host, port)
+        if addresses is not None and self.policy is not None:
+            addresses = _allowed_addresses(self.policy, host, port, addresses)
+        return addresses
+
+
+def connect_timed_out(host: str, port: int, timeout: float) -> DialError:
+    return DialError(Failure.TIMEOUT, f"connect to {host}:{port} timed out after {timeout:g}s")
+
+
+def connect_failed(exc: OSError, host: str, port: int) -> DialError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return DialError(failure_for_os_error(exc), f"connect to {host}:{port} failed: {reason}")
 
 
 def _allowed_addresses(policy: EgressPolicy, host: str, port: int,

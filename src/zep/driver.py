@@ -31,7 +31,7 @@ import time
 from typing import TYPE_CHECKING
 
 from zep.accesslog import AccessRecord
-from zep.dial import DialError
+from zep.dial import DialError, Upstream
 from zep.exchange import (
     CLIENT,
     SERVER,
@@ -143,9 +143,11 @@ class Driver:
 
     # ------------------------------------------------------------------------- the loop
 
-    async def run(self) -> None:
+    async def run(self, commands: list[Command] | None = None) -> None:
+        """Drive the exchange from its start, or from `commands` when the fast path hands over."""
         try:
-            commands = self.exchange.start()
+            if commands is None:
+                commands = self.exchange.start()
             while True:
                 result = await self._execute(commands)
                 if result is FINISHED:
@@ -164,6 +166,21 @@ class Driver:
             self._emit(Report(Outcome.INTERNAL_ERROR, detail="see the log"))
         finally:
             self._release()
+
+    def adopt(self, timer: str | None, deadline: float, client_sent: int, pending: bytes, failure: str,
+              upstream: Upstream | None, destination: tuple[str, int], between_requests: bool) -> None:
+        """Take over a connection the fast path began (zep.fastpath): the client's armed timer and
+        its deadline, what was sent to the client for the entry being built, what is still to send
+        or why a send failed, the upstream connection and where it goes."""
+        client = self._client
+        client.timer, client.deadline, client.sent, client.failure = timer, deadline, client_sent, failure
+        if pending:
+            client.out.append(memoryview(pending))
+            client.stall = self._loop.time() + self._timeouts[CLIENT]
+        if upstream is not None:
+            self._upstream.attach(upstream.sock, upstream.early_down)
+            self._destination, self._route = destination, upstream.route
+        self._between_requests = between_requests
 
     def drain(self) -> None:
         """Tell the exchange zep is draining (at its next event)."""
@@ -449,13 +466,13 @@ class Driver:
         try:
             flushed = await self._flush_client_fully()
         except asyncio.CancelledError:
-            self._emit(_replace(report, Outcome.CANCELLED, "zep stopped"))
+            self._emit(replace_report(report, Outcome.CANCELLED, "zep stopped"))
             raise
         if not ready:
-            self._emit(_replace(report, Outcome.INTERNAL_ERROR, "the relay is not running: no tunnel can be relayed"))
+            self._emit(replace_report(report, Outcome.INTERNAL_ERROR, "the relay is not running: no tunnel can be relayed"))
             return
         if not flushed:
-            self._emit(_replace(report, Outcome.CLIENT_ERROR, self._client.failure or "client timeout"))
+            self._emit(replace_report(report, Outcome.CLIENT_ERROR, self._client.failure or "client timeout"))
             return
         self._cancel_timer()
         early_down = self._upstream.early
@@ -470,7 +487,7 @@ class Driver:
             self._emit_tunnel(report, cancelled.result)
             raise
         except RelayUnavailable as exc:  # zep's failure, not the client's (the relay closed both)
-            self._emit(_replace(report, Outcome.INTERNAL_ERROR, str(exc)))
+            self._emit(replace_report(report, Outcome.INTERNAL_ERROR, str(exc)))
             return
         finally:
             self.relaying = False
@@ -530,12 +547,12 @@ class Driver:
         """The client failed before a held entry's bytes reached it: the entry says so."""
         if self._held is not None:
             report, self._held = self._held, None
-            self._emit(_replace(report, outcome, detail))
+            self._emit(replace_report(report, outcome, detail))
 
     def _emit_tunnel(self, report: Report, result: RelayResult) -> None:
         self._record.up, self._record.down = result.bytes_up, result.bytes_down
         self._upstream.sent = 0
-        self._emit(_replace(report, tunnel_outcome(report.route, result), result.error))
+        self._emit(replace_report(report, tunnel_outcome(report.route, result), result.error))
 
 
 def _still_open(side: _Side) -> bool:
@@ -560,7 +577,7 @@ def _reset(sock: socket.socket) -> None:
         pass
 
 
-def _replace(report: Report, outcome: Outcome, detail: str) -> Report:
+def replace_report(report: Report, outcome: Outcome, detail: str) -> Report:
     return Report(outcome, report.target, report.route, report.user, detail, report.method, report.path,
                   report.status)
 

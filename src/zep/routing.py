@@ -34,6 +34,16 @@ class Router:
             raise DialError(Failure.HOST_UNREACHABLE, f"no route to {host}:{port}")
         return upstream
 
+    def direct_dialer(self, host: str, port: int) -> DirectDialer | None:
+        """The direct dialer that carries (host, port) when no overlay dialer has to be asked first,
+        else None: then only `connect()` can say (the fast path dials such routes itself)."""
+        if self.dialers:
+            return None
+        fallback = self.fallback
+        if isinstance(fallback, ProxyOrDirect):
+            return fallback.direct if fallback.no_proxy.matches(host, port) else None
+        return fallback if isinstance(fallback, DirectDialer) else None
+
 
 class ProxyOrDirect:
     """The fallback route through an upstream proxy: its no-proxy exceptions go direct.

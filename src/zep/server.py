@@ -1,7 +1,9 @@
 """Listeners and per-connection lifecycle: accept, limit, drive, drain, shut down.
 
 This is the only place that owns client sockets before a driver takes them: each accepted
-connection gets an exchange for its protocol and one `Driver` running in one task.
+connection gets an exchange for its protocol and either a `FastConnection` (zep.fastpath: loop
+callbacks, no task; the default) or one `Driver` running in one task. A fast connection that
+leaves the common path hands itself over to a driver, which the server then runs in a task.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from zep.auth import Credentials
 from zep import fdlimit, relay as relay_choice
 from zep.config import ENVIRONMENT, FLAGS, Settings
 from zep.driver import Driver
-from zep.exchange import CLIENT, HTTP_KEEP_ALIVE, HTTP_REQUEST, SERVER, TUNNEL, Exchange, authority
+from zep.exchange import CLIENT, HTTP_KEEP_ALIVE, HTTP_REQUEST, SERVER, TUNNEL, Command, Exchange, authority
+from zep.fastpath import FastConnection
 from zep.outcome import Outcome
-from zep.relay_result import RelayResult
+from zep.relay_result import PairHandle, RelayResult
 from zep.routing import Router
 from zep.throttle import LoginThrottle
 
@@ -42,6 +45,7 @@ class Context:
     credentials: Credentials | None
     relay_ready: Callable[[], bool] = relay_choice.ready  # checked before a client is told its tunnel is up
     logins: LoginThrottle = field(default_factory=LoginThrottle)
+    start_pair: Callable[..., PairHandle] = relay_choice.start_pair  # the fast path's relay
 
     @cached_property
     def timeouts(self) -> dict[str, float]:
@@ -77,6 +81,8 @@ class ProxyServer:
         self.reuse_port = reuse_port  # worker processes share each port (see bind_socket)
         self.listeners: list[Listener] = []
         self._connections: dict[asyncio.Task[None], Driver] = {}
+        self._fast: set[FastConnection] = set()
+        self._all_closed: asyncio.Future[None] | None = None  # while draining or shutting down
         self._stopped = False
         self._draining = False
         # 0 (the default): as many as the open-files limit carries, as `zep serve` works out at start.
@@ -86,7 +92,7 @@ class ProxyServer:
 
     @property
     def open_connections(self) -> int:
-        return len(self._connections)
+        return len(self._connections) + len(self._fast)
 
     @property
     def draining(self) -> bool:
@@ -96,7 +102,8 @@ class ProxyServer:
         return {listener.proto: listener.accepted for listener in self.listeners}
 
     def tunnels_open(self) -> int:
-        return sum(driver.relaying for driver in self._connections.values())
+        return (sum(driver.relaying for driver in self._connections.values())
+                + sum(fast.relaying for fast in self._fast))
 
     def listen(self, proto: str, port: int, exchange: ExchangeFactory, refusal: bytes = b"",
                driver: DriverFactory = Driver) -> Listener:
@@ -108,6 +115,16 @@ class ProxyServer:
         return listener
 
     def _accept_all(self, listener: Listener) -> None:
+        # Fast connections start once the backlog is taken, as tasks do: what runs out first when
+        # descriptors run out is accept (which pauses), not the dials of the ones accepted.
+        accepted: list[FastConnection] = []
+        try:
+            self._accept_backlog(listener, accepted)
+        finally:
+            for fast in accepted:
+                fast.start()
+
+    def _accept_backlog(self, listener: Listener, accepted: list[FastConnection]) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -127,22 +144,42 @@ class ProxyServer:
                 listener.paused = True
                 return
             listener.accepted += 1
-            if len(self._connections) >= self.max_connections:
+            if self.open_connections >= self.max_connections:
                 self._refuse(listener, conn, peer)
                 continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             record = AccessRecord(format_address(peer), listener.proto)
-            self.serve_connection(listener.driver(self.ctx, conn, record, listener.exchange(self.ctx)))
+            if self.ctx.settings.fast_path and listener.driver is Driver:
+                fast = FastConnection(self.ctx, conn, record, listener.exchange(self.ctx), self)
+                self._fast.add(fast)
+                accepted.append(fast)
+            else:
+                self.serve_connection(listener.driver(self.ctx, conn, record, listener.exchange(self.ctx)))
 
-    def serve_connection(self, driver: Driver) -> None:
-        """Run a connection's driver until it ends; drained and shut down with the others."""
-        task = asyncio.get_running_loop().create_task(driver.run())
+    def serve_connection(self, driver: Driver, commands: list[Command] | None = None) -> None:
+        """Run a connection's driver (from `commands` on, when the fast path hands over) until it
+        ends; drained and shut down with the others."""
+        task = asyncio.get_running_loop().create_task(driver.run(commands))
         self._connections[task] = driver
         task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         del self._connections[task]
+        self._closed_one()
+
+    # What a FastConnection tells the server (zep.fastpath.Registry).
+    def finished(self, conn: FastConnection) -> None:
+        self._fast.discard(conn)
+        self._closed_one()
+
+    def hand_over(self, conn: FastConnection, driver: Driver, commands: list[Command]) -> None:
+        self._fast.discard(conn)
+        self.serve_connection(driver, commands)
+
+    def _closed_one(self) -> None:
+        if self._all_closed is not None and not self.open_connections and not self._all_closed.done():
+            self._all_closed.set_result(None)
 
     def _resume_accepting(self, listener: Listener) -> None:
         if not self._stopped:
@@ -183,24 +220,32 @@ class ProxyServer:
         `Connection: close`), then cancel what is left, each logged `cancelled` with its counts."""
         self.stop_accepting()
         self._draining = True
-        for driver in self._connections.values():
+        for driver in list(self._connections.values()):
             driver.drain()
-        tasks = list(self._connections)
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=timeout)
-            await _cancel(pending)
+        for fast in list(self._fast):
+            fast.drain()
+        try:
+            await asyncio.wait_for(self._until_all_closed(), timeout)
+        except TimeoutError:
+            pass
+        await self.shutdown()
 
     async def shutdown(self) -> None:
         """Stop accepting at once, then cancel every connection and wait until each has logged."""
         self.stop_accepting()
-        await _cancel(set(self._connections))
+        while self.open_connections:
+            for task in list(self._connections):
+                task.cancel()
+            for fast in list(self._fast):
+                fast.cancel()
+            await self._until_all_closed()
 
-
-async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def _until_all_closed(self) -> None:
+        if not self.open_connections:
+            return
+        if self._all_closed is None or self._all_closed.done():
+            self._all_closed = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._all_closed)
 
 
 PORT_SETTINGS = {"socks5": "socks_port", "http": "http_port"}  # the setting a listener's error names

@@ -70,7 +70,7 @@ class ZepProcess:
 
 
 def zep_env(env: Mapping[str, str] | None = None, relay: str | None = None,
-            extra_pythonpath: Sequence[str] = ()) -> dict[str, str]:
+            extra_pythonpath: Sequence[str] = (), fast_path: bool | None = None) -> dict[str, str]:
     """The environment a zep subprocess runs with: no proxy variables leak in, no auth unless asked."""
     base = {k: v for k, v in os.environ.items()
             if k.upper() not in {"ALL_PROXY", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ZITI_IDENTITIES", "ZITI_IDENTITY"}
@@ -78,6 +78,8 @@ def zep_env(env: Mapping[str, str] | None = None, relay: str | None = None,
     base.update(PROXY_USERNAME="", PROXY_PASSWORD="")
     if relay == "python":
         base["ZEP_NO_EXTENSIONS"] = "1"
+    if fast_path is not None:
+        base["ZEP_FAST_PATH"] = "on" if fast_path else "off"
     if extra_pythonpath:
         base["PYTHONPATH"] = os.pathsep.join([*extra_pythonpath, base.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     base.update(env or {})
@@ -88,7 +90,8 @@ def zep_env(env: Mapping[str, str] | None = None, relay: str | None = None,
 def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | None = None,
               extra_pythonpath: Sequence[str] = (), default_args: bool = True,
               python: str = sys.executable, ready_path: Path | None = None,
-              preexec_fn: Callable[[], None] | None = None, wait_ready: bool = True) -> Iterator[ZepProcess]:
+              preexec_fn: Callable[[], None] | None = None, wait_ready: bool = True,
+              fast_path: bool | None = None) -> Iterator[ZepProcess]:
     """Start `python -m zep serve` and wait until it is listening (its ready file); stop it on exit.
 
     `python` may name another environment's interpreter (the benchmarks' baseline build);
@@ -102,7 +105,7 @@ def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | Non
             command += ["--host", "127.0.0.1", "--socks-port", "0", "--http-port", "0"]
         command += [*args, "--ready-file", str(ready)]
         with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(command, env=zep_env(env, relay, extra_pythonpath),
+            proc = subprocess.Popen(command, env=zep_env(env, relay, extra_pythonpath, fast_path),
                                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     preexec_fn=preexec_fn)
         zp = ZepProcess(proc, log_path, ready)

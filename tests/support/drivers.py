@@ -1,0 +1,72 @@
+"""Running one connection in process on either driver: the coroutine `Driver` or the fast path."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from zep.accesslog import AccessRecord
+from zep.driver import Driver
+from zep.exchange import Command, Exchange
+from zep.fastpath import FastConnection
+from zep.server import Context
+
+DRIVERS = ["fast", "coroutine"]
+
+
+class FastRun:
+    """One FastConnection in a task of its own, so that a test awaits and cancels it as it does a
+    driver's task; plays the server's part (zep.fastpath.Registry)."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.get_running_loop().create_future()
+        self.conn: FastConnection | None = None
+        self.driver: Driver | None = None
+        self.driver_task: asyncio.Task[None] | None = None
+
+    def drain(self) -> None:
+        if self.driver is not None:
+            self.driver.drain()
+        else:
+            self.conn.drain()
+
+    def finished(self, conn: FastConnection) -> None:
+        self.closed.set_result(None)
+
+    def hand_over(self, conn: FastConnection, driver: Driver, commands: list[Command]) -> None:
+        self.driver = driver
+        self.driver_task = asyncio.get_running_loop().create_task(driver.run(commands))
+        self.driver_task.add_done_callback(lambda _: self.closed.set_result(None))
+
+    async def run(self, conn: FastConnection) -> None:
+        self.conn = conn
+        conn.start()
+        try:
+            await asyncio.shield(self.closed)
+        except asyncio.CancelledError:
+            if self.driver_task is not None:
+                self.driver_task.cancel()
+            else:
+                conn.cancel()
+            await self.closed
+            raise
+        if self.driver_task is not None:
+            self.driver_task.result()
+
+
+@dataclass
+class Running:
+    task: asyncio.Task[None]
+    drain: Callable[[], None]
+
+
+def start(driver: str, ctx: Context, sock: socket.socket, kind: str, exchange: Exchange) -> Running:
+    """Drive `exchange` on `sock` with the driver named ("fast" or "coroutine")."""
+    loop, record = asyncio.get_running_loop(), AccessRecord("test", kind)
+    if driver == "coroutine":
+        coroutine = Driver(ctx, sock, record, exchange)
+        return Running(loop.create_task(coroutine.run()), coroutine.drain)
+    fast = FastRun()
+    return Running(loop.create_task(fast.run(FastConnection(ctx, sock, record, exchange, fast))), fast.drain)
