@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -102,8 +103,13 @@ def emit(entry: AccessEntry) -> None:
 
 
 def write(entry: AccessEntry) -> None:
-    """The log line alone: for aggregated entries, whose exchanges the observers have seen."""
-    access_logger.info(format_json(entry) if _json_lines else format_logfmt(entry))
+    """The log line alone: for aggregated entries, whose exchanges the observers have seen.
+
+    It goes to the handlers in one call, a record made here: Logger.info's caller lookup and the
+    rest of its work per record cost more than the line itself (one per connection)."""
+    if access_logger.isEnabledFor(logging.INFO):
+        line = format_json(entry) if _json_lines else format_logfmt(entry)
+        access_logger.handle(access_logger.makeRecord(access_logger.name, logging.INFO, __file__, 0, line, None, None))
 
 
 def format_logfmt(entry: AccessEntry) -> str:
@@ -111,11 +117,13 @@ def format_logfmt(entry: AccessEntry) -> str:
     for name, value in entry.fields().items():
         if name == "secs":
             value = f"{value:.3f}"
-        text = str(value)
-        if name == "detail" or not text or any(c in text for c in ' "=\\'):
-            text = f'"{_quote(text)}"'
-        parts.append(f"{name}={text}")
+        elif type(value) is str and (name == "detail" or not value or _NEEDS_QUOTES.search(value)):
+            value = f'"{_quote(value)}"'
+        parts.append(f"{name}={value}")
     return " ".join(parts)
+
+
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
 
 
 def format_json(entry: AccessEntry) -> str:
@@ -134,7 +142,7 @@ def dial_outcome(failure: Failure) -> Outcome:
     return Outcome.DIAL_FAILED
 
 
-@dataclass
+@dataclass(slots=True)
 class AccessRecord:
     """What is known so far about one exchange; `emit()` turns it into an AccessEntry."""
 
