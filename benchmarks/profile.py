@@ -29,12 +29,14 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), os.environ.get("P
 from benchmarks.harness import CLK_TCK, ZEP_ARGS, ZEP_ENV, ZepLoad, raise_nofile  # noqa: E402
 from tests.support.zepproc import start_zep  # noqa: E402
 
-# py-spy frames -> what the event loop is doing, first match wins.
+# py-spy frames -> what the event loop is doing. A sample counts for the category of its innermost
+# frame that names one, so work an exchange does inside a dial callback counts as the exchange's.
 CATEGORIES = [
-    ("access log", ("AccessRecord.emit", "Logger.")),
-    ("upstream dial", ("dial.py", "Router.connect")),
-    ("relay hand-off", ("Driver._tunnel",)),
-    ("SOCKS5 handshake", ("socks_exchange.py", "socks5.py", "driver.py")),
+    ("access log", ("AccessRecord.emit", "accesslog.py", "logging/")),
+    ("relay hand-off", ("FastConnection._tunnel", "FastConnection._relayed", "_relay.pyx", "_relay_py.py",
+                        "Driver._tunnel")),
+    ("upstream dial", ("FastConnection._dial", "FastConnection._connect", "dial.py", "routing.py")),
+    ("SOCKS5 handshake", ("socks_exchange.py", "socks5.py", "exchange.py", "FastConnection.", "driver.py")),
     ("accept", ("_accept_all",)),
 ]
 
@@ -49,7 +51,9 @@ def categorize(raw: Path) -> list[tuple[str, float]]:
     counts: collections.Counter[str] = collections.Counter()
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        name = next((c for c, needles in CATEGORIES if any(x in stack for x in needles)), None)
+        frames = stack.split(";")
+        name = next((c for frame in reversed(frames) for c, needles in CATEGORIES if any(x in frame for x in needles)),
+                    None)
         if name is None:
             name = "event loop itself (uvloop, callbacks)" if stack.endswith("(asyncio/runners.py:118)") else "other"
         counts[name] += int(n)
@@ -57,11 +61,21 @@ def categorize(raw: Path) -> list[tuple[str, float]]:
     return [(name, c / total) for name, c in counts.most_common()]
 
 
+def innermost(raw: Path) -> list[tuple[str, float]]:
+    counts: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        counts[stack.rsplit(";", 1)[-1]] += int(n)
+    total = sum(counts.values()) or 1
+    return [(frame, c / total) for frame, c in counts.most_common()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workload", choices=["connrate", "pingpong", "bulk"])
     parser.add_argument("--relay", choices=["cython", "python"], default="cython")
     parser.add_argument("--seconds", type=float, default=5.0, help="connrate duration")
+    parser.add_argument("--top", type=int, default=0, metavar="N", help="also list the N busiest innermost frames")
     args = parser.parse_args()
     raise_nofile()
     with tempfile.TemporaryDirectory(prefix="zep-profile-") as tmp:
@@ -111,6 +125,10 @@ def main() -> int:
                     print("  event-loop thread (py-spy samples):")
                     for name, share in categorize(raw):
                         print(f"    {share:6.1%}  {name}")
+                    if args.top:
+                        print("  busiest innermost frames (py-spy samples):")
+                        for frame, share in innermost(raw)[:args.top]:
+                            print(f"    {share:6.1%}  {frame}")
     return 0
 
 
