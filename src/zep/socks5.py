@@ -16,7 +16,6 @@ Choices where the RFCs leave room:
 from __future__ import annotations
 
 import enum
-import ipaddress
 import socket
 from dataclasses import dataclass
 
@@ -46,14 +45,14 @@ _TLS_HANDSHAKE = 0x16  # the first byte of a TLS ClientHello record
 _HTTP_METHOD_INITIALS = b"CDGHOPT"  # CONNECT DELETE GET HEAD OPTIONS POST PUT PATCH TRACE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Send:
     """Write these bytes to the client and keep reading."""
 
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConnectRequest:
     """Handshake complete: dial (host, port), then send `connect_reply(...)`."""
 
@@ -62,7 +61,7 @@ class ConnectRequest:
     early: bytes  # bytes pipelined after the request; deliver them upstream first
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Refuse:
     """Write `data` (possibly empty), then close. `reason` is for the log (it never carries a
     user name: see `Socks5Handshake.offered_username`)."""
@@ -235,7 +234,17 @@ def connect_reply(reply: int, bound: tuple[str, int] | tuple[str, int, int, int]
         address, port = bytes([_ATYP_IPV4, 0, 0, 0, 0]), 0
     else:
         # getsockname() may carry an IPv6 scope ("fe80::1%eth0"); the wire format has no room for it.
-        ip = ipaddress.ip_address(bound[0].partition("%")[0])
-        atyp = _ATYP_IPV4 if ip.version == 4 else _ATYP_IPV6
-        address, port = bytes([atyp]) + ip.packed, bound[1]
+        address, port = _packed(bound[0].partition("%")[0]), bound[1]
     return bytes([_VERSION, reply, 0x00]) + address + port.to_bytes(2, "big")
+
+
+def _packed(host: str) -> bytes:
+    """ATYP and address of an IP literal (inet_pton: this runs once per tunnel)."""
+    try:
+        return bytes([_ATYP_IPV4]) + socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        pass
+    try:
+        return bytes([_ATYP_IPV6]) + socket.inet_pton(socket.AF_INET6, host)
+    except OSError:
+        raise ValueError(f"{host!r} is not an IP address") from None
