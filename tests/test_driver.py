@@ -26,7 +26,7 @@ from zep import relay
 from zep.routing import Router
 from zep.server import Context, ProxyServer
 from zep.socks_exchange import Socks5Exchange
-from tests.support.drivers import DRIVERS, start
+from tests.support.drivers import DRIVERS, read_until_closed, start
 
 SHORT = 0.3
 
@@ -81,20 +81,6 @@ def listener() -> tuple[socket.socket, int]:
     server = socket.create_server(("127.0.0.1", 0))
     server.setblocking(False)
     return server, server.getsockname()[1]
-
-
-async def read_until_closed(sock: socket.socket, limit: float = 5) -> bytes:
-    loop = asyncio.get_running_loop()
-    data = b""
-    async with asyncio.timeout(limit):
-        while True:
-            try:
-                block = await loop.sock_recv(sock, 65536)
-            except ConnectionResetError:
-                return data + b"<reset>"
-            if not block:
-                return data
-            data += block
 
 
 def test_socks5_tunnel_and_its_entry(driver, entries):

@@ -27,7 +27,7 @@ from zep.routing import Router
 from zep.server import Context
 from zep.socks_exchange import Socks5Exchange
 from tests.support.clients import blackhole_port
-from tests.support.drivers import DRIVERS, Running, start
+from tests.support.drivers import DRIVERS, Running, read_until_closed, start
 from tests.support.upstreams import closed_port
 
 SHORT = 0.3
@@ -65,26 +65,13 @@ def comparable(entry: AccessEntry) -> tuple:
 Client = Callable[[socket.socket, Running], Awaitable[bytes]]
 
 
-async def _read_until_closed(sock: socket.socket) -> bytes:
-    loop, data = asyncio.get_running_loop(), b""
-    async with asyncio.timeout(5):
-        while True:
-            try:
-                block = await loop.sock_recv(sock, 65536)
-            except ConnectionResetError:
-                return data + b"<reset>"
-            if not block:
-                return data
-            data += block
-
-
 def sends(data: bytes, *, shut: bool = False) -> Client:
     """A client that sends `data` (then, with `shut`, its FIN) and reads until zep closes."""
     async def client(sock: socket.socket, running: Running) -> bytes:
         await asyncio.get_running_loop().sock_sendall(sock, data)
         if shut:
             sock.shutdown(socket.SHUT_WR)
-        return await _read_until_closed(sock)
+        return await read_until_closed(sock)
     return client
 
 
@@ -235,7 +222,7 @@ def tunnel_client(request: bytes, reply_size: int, payload: bytes) -> Client:
         while len(echoed) < len(payload):
             echoed += await loop.sock_recv(sock, 65536)
         sock.shutdown(socket.SHUT_WR)
-        rest = await _read_until_closed(sock)
+        rest = await read_until_closed(sock)
         return reply[:2] + echoed + rest  # the SOCKS5 reply's bound port differs between runs
     return client
 
@@ -258,7 +245,7 @@ def test_http_connect_tunnel_with_early_data():
 def test_tunnel_idle_timeout():
     async def client(sock: socket.socket, running: Running) -> bytes:
         await asyncio.get_running_loop().sock_sendall(sock, HELLO + socks_connect("127.0.0.1", port))
-        return (await _read_until_closed(sock))[:2]
+        return (await read_until_closed(sock))[:2]
 
     with echo_upstream() as port:
         seen = assert_same(run_both(client, "socks5", socks))
@@ -279,7 +266,7 @@ def cancelled_after(data: bytes, *, wait_for: int = 0) -> Client:
         running.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running.task
-        return received[:2] + await _read_until_closed(sock)
+        return received[:2] + await read_until_closed(sock)
     return client
 
 
@@ -306,7 +293,7 @@ def test_drain_before_the_first_request():
     async def client(sock: socket.socket, running: Running) -> bytes:
         await asyncio.sleep(0)
         running.drain()
-        return await _read_until_closed(sock)
+        return await read_until_closed(sock)
 
     seen = assert_same(run_both(client, "http", http))
     assert seen.entries[0][6].label == "cancelled" and seen.entries[0][7] == "zep is draining"
@@ -334,7 +321,7 @@ def test_the_common_path_runs_no_task_and_leaves_no_timer():
             reply += await loop.sock_recv(ours, 12 - len(reply))
         others = asyncio.all_tasks() - before - {running.task}
         ours.shutdown(socket.SHUT_WR)
-        await _read_until_closed(ours)
+        await read_until_closed(ours)
         await running.task
         ours.close()
         left = timers(loop)

@@ -1139,49 +1139,18 @@ def start_pair(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeout
     cdef _Engine eng = _current()
     cdef _Waiter w = _Waiter()
     cdef PairHandle handle = PairHandle()
-    cdef int cfd, ufd
     w.t0 = time.monotonic()
     w.loop = asyncio.get_running_loop()
-    stream = (client.type == socket.SOCK_STREAM, upstream.type == socket.SOCK_STREAM)
-    cfd, ufd = _detach(client, upstream)
-    try:
-        if eng is None:
-            raise RelayUnavailable("the compiled relay is not running in this process (start() it first)")
-        if cfd < 0 or ufd < 0:
-            raise OSError(_errno.EBADF, "start_pair() needs two open sockets")
-        w.done = done
-        eng.watch(w.loop)
-        eng.submit(w, cfd, ufd, stream[0], stream[1], bytes(to_upstream), bytes(to_client), idle_timeout)
-    except BaseException:
-        if cfd >= 0:
-            reset_close(cfd)
-        if ufd >= 0:
-            unistd.close(ufd)
-        raise
+    w.done = done
+    _submit(eng, w, client, upstream, to_upstream, to_client, idle_timeout)
     handle.w, handle.eng = w, eng
     return handle
 
 
-def _detach(client, upstream):
-    """Both sockets' fds, non-blocking, detached from their socket objects."""
-    if client.gettimeout() is None:
-        client.setblocking(False)
-    if upstream.gettimeout() is None:
-        upstream.setblocking(False)
-    return client.detach(), upstream.detach()
-
-
-async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeout):
-    """Relay bytes between two connected sockets until both directions end.
-
-    Takes ownership of both sockets: their fds are detached at once and closed by the engine
-    (or here, the client's with a reset, when the pair cannot be submitted).
-    """
-    cdef _Engine eng = _current()
-    cdef _Waiter w = _Waiter()
+cdef _submit(_Engine eng, _Waiter w, client, upstream, to_upstream, to_client, idle_timeout):
+    """Detach both sockets and queue the pair for `w`; on failure close both (the client's with a
+    reset) and raise."""
     cdef int cfd, ufd
-    t0 = time.monotonic()
-    loop = asyncio.get_running_loop()
     # A socket in blocking mode (no timeout) is the only kind without O_NONBLOCK.
     set_nonblocking = (client.gettimeout() is None, upstream.gettimeout() is None)
     # Byte streams allow the engine to skip the read that would say EAGAIN.
@@ -1198,9 +1167,7 @@ async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeou
             os.set_blocking(cfd, False)
         if set_nonblocking[1]:
             os.set_blocking(ufd, False)
-        w.loop = loop
-        w.fut = loop.create_future()
-        eng.watch(loop)
+        eng.watch(w.loop)
         eng.submit(w, cfd, ufd, stream[0], stream[1], bytes(to_upstream), bytes(to_client), idle_timeout)
     except BaseException:
         if cfd >= 0:
@@ -1208,6 +1175,21 @@ async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeou
         if ufd >= 0:
             unistd.close(ufd)
         raise
+
+
+async def relay(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeout):
+    """Relay bytes between two connected sockets until both directions end.
+
+    Takes ownership of both sockets: their fds are detached at once and closed by the engine
+    (or here, the client's with a reset, when the pair cannot be submitted).
+    """
+    cdef _Engine eng = _current()
+    cdef _Waiter w = _Waiter()
+    t0 = time.monotonic()
+    loop = asyncio.get_running_loop()
+    w.loop = loop
+    w.fut = loop.create_future()
+    _submit(eng, w, client, upstream, to_upstream, to_client, idle_timeout)
     cancelled = False
     try:
         try:

@@ -70,3 +70,18 @@ def start(driver: str, ctx: Context, sock: socket.socket, kind: str, exchange: E
         return Running(loop.create_task(coroutine.run()), coroutine.drain)
     fast = FastRun()
     return Running(loop.create_task(fast.run(FastConnection(ctx, sock, record, exchange, fast))), fast.drain)
+
+
+async def read_until_closed(sock: socket.socket, limit: float = 5) -> bytes:
+    """What the client end reads until zep closes; a reset shows as b"<reset>" at the end."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(limit):
+        while True:
+            try:
+                block = await loop.sock_recv(sock, 65536)
+            except ConnectionResetError:
+                return data + b"<reset>"
+            if not block:
+                return data
+            data += block
