@@ -305,3 +305,24 @@ fallback = "direct"
         assert blocked.returncode != 0
         line = zp.wait_for_log("proto=socks5 tenant=team-b ")
         assert "outcome=denied" in line and "egress default deny" in line
+
+
+def test_metrics_name_each_tenant(tenants_setup, openziti_path: Path) -> None:
+    """The supervisor's /metrics merges every process's series, labelled by process: a tenant's
+    worker is named after its tenant, so each tenant's exchanges are counted under its name."""
+    from tests.test_admin import scrape, value
+
+    path, env = tenants_setup
+    with start_zep("--tenants", str(path), "--connect-timeout", "2", "--dumpable", "--admin", "127.0.0.1:0",
+                   env=env, extra_pythonpath=[str(openziti_path)]) as zp:
+        assert whoami(through_socks(zp, A[0], A[1])) == A[2]
+        for _ in range(2):
+            assert whoami(through_socks(zp, B[0], B[1])) == B[2]
+        zp.wait_for_lines(" zep.access: ", 3)
+        samples = scrape(zp)
+    for tenant, count in (("team-a", 1), ("team-b", 2)):
+        assert value(samples, "zep_exchanges_total", proto="socks5", route_kind="ziti", outcome="ok",
+                     worker=tenant) == count
+    front = [v for (name, labels), v in samples.items()
+             if name == "zep_exchanges_total" and dict(labels).get("worker") == "front"]
+    assert sum(front) == 0  # the front hands its connections over: the tenants' workers count them
