@@ -889,7 +889,7 @@ def test_pairs_finishing_at_once_on_two_loops(impl):
     ever). A loop that makes no progress for STALL seconds has lost a completion; a loop that is
     merely slow (a loaded machine, the spinner's GIL) keeps going."""
 
-    rounds, width = 100, 20
+    rounds, width = 40, 20  # 1,600 pairs racing their completions; the spinner makes each step slow
     stall = 15.0
     out: dict[int, object] = {}
     progress = [0, 0]  # rounds each loop has finished
