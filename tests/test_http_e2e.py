@@ -264,10 +264,11 @@ def test_requests_a_server_must_refuse_get_400_and_go_nowhere(zep, http_a, reque
     before = len(http_a.requests)
     request = (request_line.format(port=http_a.port) + "\r\n" + headers + "\r\n").encode()
     with socket.create_connection(("127.0.0.1", zep.http_port), timeout=10) as sock:
+        mark = zep.client_mark(sock)
         sock.sendall(request)
         status, response_headers, _ = read_response(sock)
         assert (status, response_headers["connection"]) == (400, "close")
-        line = zep.wait_for_log(f"client=127.0.0.1:{sock.getsockname()[1]} ")
+        line = zep.wait_for_client(mark)
     assert "outcome=bad-request" in line and "pw" not in line
     assert len(http_a.requests) == before
 
@@ -280,11 +281,12 @@ def test_failed_login_logs_only_a_configured_user_name(zep_auth, http_a, user, l
     line = zep_auth.wait_for_log(f"path=/whoami status=407 route=- {logged} ")
     assert "s3cret" not in line and "nope" not in line and "login-" not in line  # nor the query string
     with socket.create_connection(("127.0.0.1", zep_auth.socks_port), timeout=10) as sock:
+        mark = zep_auth.client_mark(sock)
         sock.sendall(b"\x05\x01\x02")
         assert recv_exactly(sock, 2) == b"\x05\x02"
         sock.sendall(b"\x01" + bytes([len(user)]) + user.encode() + b"\x04nope")
         assert recv_until_eof(sock) == b"\x01\x01"
-        line = zep_auth.wait_for_log(f"client=127.0.0.1:{sock.getsockname()[1]} ")
+        line = zep_auth.wait_for_client(mark)
     assert f" {logged} " in line and "s3cret" not in line and "outcome=auth-failed" in line
 
 

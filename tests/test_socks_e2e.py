@@ -170,21 +170,21 @@ def test_a_client_that_resets_after_the_whole_download_is_ok(zep, speak_first):
     resets instead of closing, as npm and apt do: `ok`, not a client error."""
     with socks_session(zep.socks_port, speak_first.host, speak_first.port) as (sock, reply):
         assert reply == 0
+        mark = zep.client_mark(sock)
         assert recv_until_eof(sock) == b"hello from upstream"
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        client = "client=127.0.0.1:%d " % sock.getsockname()[1]
-    line = zep.wait_for_log(client)
+    line = zep.wait_for_client(mark)
     assert "outcome=ok" in line, line
 
 
 def test_a_client_that_resets_mid_download_is_a_client_error(zep, echo):
     with socks_session(zep.socks_port, echo.host, echo.port) as (sock, reply):
         assert reply == 0
+        mark = zep.client_mark(sock)
         sock.sendall(b"ping")
         assert recv_exactly(sock, 4) == b"ping"
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        client = "client=127.0.0.1:%d " % sock.getsockname()[1]
-    line = zep.wait_for_log(client)
+    line = zep.wait_for_client(mark)
     assert "outcome=client-error" in line, line
 
 

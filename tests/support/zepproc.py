@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,17 @@ class ZepProcess:
     def wait_for_log(self, needle: str, timeout: float = 10.0) -> str:
         """Wait until a log line contains `needle` (access lines are written when a connection ends)."""
         return self.wait_for_lines(needle, 1, timeout)[0]
+
+    def client_mark(self, sock: socket.socket) -> tuple[str, int]:
+        """Taken right after connecting: the port of `sock` may have served an earlier connection
+        of a long-running zep, so `wait_for_client` skips the lines it had then."""
+        client = f"client=127.0.0.1:{sock.getsockname()[1]} "
+        return client, sum(client in line for line in self.log_text().splitlines())
+
+    def wait_for_client(self, mark: tuple[str, int], timeout: float = 10.0) -> str:
+        """The access line of the connection `mark` was taken for."""
+        client, earlier = mark
+        return self.wait_for_lines(client, earlier + 1, timeout)[-1]
 
     def wait_for_lines(self, needle: str, count: int, timeout: float = 10.0) -> list[str]:
         """Wait until `count` log lines contain `needle`; returns them in order."""
