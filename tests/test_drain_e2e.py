@@ -54,11 +54,11 @@ def curl_download(url: str, out: Path, *args: str) -> Iterator[subprocess.Popen]
         proc.wait()
 
 
-def test_a_transfer_that_fits_completes_and_new_connections_are_refused(relay_impl, fast_path, http_a: Upstream, tmp_path):
+def test_a_transfer_that_fits_completes_and_new_connections_are_refused(relay_impl, driver, http_a: Upstream, tmp_path):
     size = 4 * 1024 * 1024
-    marker = f"drain-fits-{relay_impl}-{fast_path}"
+    marker = f"drain-fits-{relay_impl}-{driver}"
     url = f"http://127.0.0.1:{http_a.port}/bytes/{size}?{marker}"
-    with start_zep("--direct", "--drain-timeout", "20", relay=relay_impl, fast_path=fast_path) as zp:
+    with start_zep("--direct", "--drain-timeout", "20", relay=relay_impl, driver=driver) as zp:
         with curl_download(url, tmp_path / "out", "--socks5-hostname", f"127.0.0.1:{zp.socks_port}",
                            "--limit-rate", "2M") as proc:
             wait_until(lambda: any(path.endswith(marker) for _, path, _ in http_a.requests), "the request")
@@ -70,8 +70,8 @@ def test_a_transfer_that_fits_completes_and_new_connections_are_refused(relay_im
         assert "outcome=ok" in zp.wait_for_log("target=127.0.0.1:")
 
 
-def test_a_transfer_that_does_not_fit_is_cut_and_logged_cancelled(relay_impl, fast_path, echo):
-    with start_zep("--direct", "--drain-timeout", "0.5", relay=relay_impl, fast_path=fast_path) as zp:
+def test_a_transfer_that_does_not_fit_is_cut_and_logged_cancelled(relay_impl, driver, echo):
+    with start_zep("--direct", "--drain-timeout", "0.5", relay=relay_impl, driver=driver) as zp:
         with socks_session(zp.socks_port, echo.host, echo.port) as (sock, reply):
             assert reply == 0
             sock.sendall(b"before")
@@ -88,7 +88,7 @@ def test_a_transfer_that_does_not_fit_is_cut_and_logged_cancelled(relay_impl, fa
         assert "up=12 down=12" in zp.wait_for_log("outcome=cancelled")
 
 
-def test_kept_alive_connection_is_closed_between_requests_and_in_flight_ones_are_told(relay_impl, fast_path, http_a):
+def test_kept_alive_connection_is_closed_between_requests_and_in_flight_ones_are_told(relay_impl, driver, http_a):
     release = threading.Event()
     listener = socket.create_server(("127.0.0.1", 0))
     got_head = threading.Event()
@@ -105,7 +105,7 @@ def test_kept_alive_connection_is_closed_between_requests_and_in_flight_ones_are
             conn.recv(1)
 
     threading.Thread(target=slow_upstream, daemon=True).start()
-    with start_zep("--direct", "--drain-timeout", "20", relay=relay_impl, fast_path=fast_path) as zp, listener:
+    with start_zep("--direct", "--drain-timeout", "20", relay=relay_impl, driver=driver) as zp, listener:
         idle = socket.create_connection(("127.0.0.1", zp.http_port), timeout=BOUND)
         busy = socket.create_connection(("127.0.0.1", zp.http_port), timeout=BOUND)
         with idle, busy:
@@ -125,8 +125,8 @@ def test_kept_alive_connection_is_closed_between_requests_and_in_flight_ones_are
 
 
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
-def test_a_second_signal_stops_at_once(relay_impl, fast_path, echo, second):
-    with start_zep("--direct", relay=relay_impl, fast_path=fast_path) as zp:  # the default drain timeout, 25 s
+def test_a_second_signal_stops_at_once(relay_impl, driver, echo, second):
+    with start_zep("--direct", relay=relay_impl, driver=driver) as zp:  # the default drain timeout, 25 s
         with socks_session(zp.socks_port, echo.host, echo.port) as (sock, reply):
             assert reply == 0
             sock.sendall(b"ping")

@@ -1,7 +1,8 @@
-"""The fast path against the coroutine driver, in process: each scenario runs once on each driver
-over real sockets (a socketpair for the client, loopback upstreams), and the client must see the
-same bytes and the access log the same entries. Then what only the fast path has to get right:
-no task on the common path, and every timer handle cancelled on the way out."""
+"""The fast path and the relay engine's SOCKS5 handshake against the coroutine driver, in process:
+each scenario runs once on each driver (the engine's for SOCKS5 with the compiled relay) over real
+sockets (a socketpair for the client, loopback upstreams), and the client must see the same bytes
+and the access log the same entries. Then what only the fast path has to get right: no task on
+the common path, and every timer handle cancelled on the way out."""
 
 from __future__ import annotations
 
@@ -43,12 +44,12 @@ def socks_connect(host: str, port: int) -> bytes:
     return b"\x05\x01\x00" + address + port.to_bytes(2, "big")
 
 
-def context(policy: EgressPolicy | None = None) -> Context:
+def context(policy: EgressPolicy | None = None, credentials: Credentials | None = None) -> Context:
     settings = Settings(direct=True, http_request_timeout=SHORT, http_keep_alive_timeout=SHORT, client_timeout=SHORT,
                         server_timeout=SHORT, connect_timeout=SHORT, tunnel_timeout=SHORT)
     relay.start()  # once per process, as the server does before it listens
-    return Context(settings, Router([], DirectDialer(policy), settings.connect_timeout), relay.relay, None,
-                   relay.ready, start_pair=relay.start_pair)
+    return Context(settings, Router([], DirectDialer(policy), settings.connect_timeout), relay.relay, credentials,
+                   relay.ready, start_pair=relay.start_pair, start_socks=relay.start_socks)
 
 
 @dataclass
@@ -75,10 +76,10 @@ def sends(data: bytes, *, shut: bool = False) -> Client:
     return client
 
 
-def run_both(client: Client, kind: str, exchange: Callable[[], Exchange], ctx: Callable[[], Context] = context,
+def run_each(client: Client, kind: str, exchange: Callable[[], Exchange], ctx: Callable[[], Context] = context,
              ) -> dict[str, Seen]:
     seen: dict[str, Seen] = {}
-    for driver in DRIVERS:
+    for driver in drivers_for(kind):
         entries: list[AccessEntry] = []
         accesslog.subscribe(entries.append)
         try:
@@ -103,12 +104,19 @@ async def _one(driver: str, client: Client, kind: str, exchange: Exchange, ctx: 
     return received
 
 
+def drivers_for(kind: str) -> list[str]:
+    """The engine takes SOCKS5 handshakes only, and only where the relay is compiled."""
+    native = kind == "socks5" and relay.start_socks is not None
+    return [d for d in DRIVERS if d != "native" or native]
+
+
 def assert_same(seen: dict[str, Seen]) -> Seen:
-    fast, coroutine = seen["fast"], seen["coroutine"]
-    assert fast.received == coroutine.received
-    assert fast.entries == coroutine.entries
-    assert len(fast.entries) == 1
-    return fast
+    coroutine = seen["coroutine"]
+    for driver, this in seen.items():
+        assert (driver, this.received) == (driver, coroutine.received)
+        assert (driver, this.entries) == (driver, coroutine.entries)
+    assert len(coroutine.entries) == 1
+    return coroutine
 
 
 def socks() -> Socks5Exchange:
@@ -123,20 +131,20 @@ def http() -> HttpExchange:
 
 def test_socks5_refused_literal():
     port = closed_port()
-    seen = assert_same(run_both(sends(HELLO + socks_connect("127.0.0.1", port)), "socks5", socks))
+    seen = assert_same(run_each(sends(HELLO + socks_connect("127.0.0.1", port)), "socks5", socks))
     assert seen.received[:4] == b"\x05\x00\x05\x05"
     assert seen.entries[0][6].label == "dial-failed"
 
 
 def test_socks5_refused_name_goes_through_the_router():
     port = closed_port()
-    seen = assert_same(run_both(sends(HELLO + socks_connect("localhost", port)), "socks5", socks))
+    seen = assert_same(run_each(sends(HELLO + socks_connect("localhost", port)), "socks5", socks))
     assert seen.received[:3] == b"\x05\x00\x05" and seen.received[3] in (0x04, 0x05)
 
 
 def test_socks5_literal_denied_by_the_egress_policy():
     ctx = lambda: context(EgressPolicy.parse(["deny 127.0.0.0/8"]))  # noqa: E731
-    seen = assert_same(run_both(sends(HELLO + socks_connect("127.0.0.1", 80)), "socks5", socks, ctx))
+    seen = assert_same(run_each(sends(HELLO + socks_connect("127.0.0.1", 80)), "socks5", socks, ctx))
     assert seen.received[:4] == b"\x05\x00\x05\x02"
     assert seen.entries[0][2] == "deny"
 
@@ -149,18 +157,19 @@ def test_socks5_literal_denied_by_the_egress_policy():
     (HELLO + b"\x05\x01\x00\x09", False),  # an unknown address type
 ])
 def test_socks5_handshakes_that_end_early(data, shut):
-    assert_same(run_both(sends(data, shut=shut), "socks5", socks))
+    assert_same(run_each(sends(data, shut=shut), "socks5", socks))
 
 
 @pytest.mark.parametrize("greeting", [b"\x05\x01\x00", b"\x05\x01\x02\x01\x05alice\x05wrong", b"\x05\x01\x02\x01\x03bob\x01x"])
 def test_socks5_authentication_failures(greeting):
-    seen = assert_same(run_both(sends(greeting), "socks5", lambda: Socks5Exchange(CREDENTIALS)))
+    seen = assert_same(run_each(sends(greeting), "socks5", lambda: Socks5Exchange(CREDENTIALS),
+                                lambda: context(credentials=CREDENTIALS)))
     assert seen.entries[0][6].label == "auth-failed"
 
 
 def test_socks5_connect_timeout():
     with blackhole_port() as port:
-        seen = assert_same(run_both(sends(HELLO + socks_connect("127.0.0.1", port)), "socks5", socks))
+        seen = assert_same(run_each(sends(HELLO + socks_connect("127.0.0.1", port)), "socks5", socks))
     assert seen.received[:4] == b"\x05\x00\x05\x06"
     assert seen.entries[0][6].label == "dial-timeout"
 
@@ -173,12 +182,12 @@ def test_socks5_connect_timeout():
 ])
 def test_http_connect_refusals(request_head):
     data = request_head.replace(b"{closed}", str(closed_port()).encode())
-    assert_same(run_both(sends(data, shut=bool(data)), "http", http))
+    assert_same(run_each(sends(data, shut=bool(data)), "http", http))
 
 
 def test_http_connect_without_credentials_gets_407():
     head = b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n\r\n"
-    seen = assert_same(run_both(sends(head, shut=True), "http", lambda: HttpExchange(CREDENTIALS, 65536)))
+    seen = assert_same(run_each(sends(head, shut=True), "http", lambda: HttpExchange(CREDENTIALS, 65536)))
     assert seen.received.startswith(b"HTTP/1.1 407 ")
 
 
@@ -229,7 +238,7 @@ def tunnel_client(request: bytes, reply_size: int, payload: bytes) -> Client:
 
 def test_socks5_tunnel_with_early_data():
     with echo_upstream() as port:
-        seen = assert_same(run_both(tunnel_client(HELLO + socks_connect("127.0.0.1", port), 12, b"early" * 100),
+        seen = assert_same(run_each(tunnel_client(HELLO + socks_connect("127.0.0.1", port), 12, b"early" * 100),
                                     "socks5", socks))
     assert seen.received == b"\x05\x00" + b"early" * 100
     assert seen.entries[0][4:7] == (500, 500, seen.entries[0][6]) and seen.entries[0][6].label == "ok"
@@ -238,7 +247,7 @@ def test_socks5_tunnel_with_early_data():
 def test_http_connect_tunnel_with_early_data():
     with echo_upstream() as port:
         head = f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-        seen = assert_same(run_both(tunnel_client(head, 39, b"hello"), "http", http))
+        seen = assert_same(run_each(tunnel_client(head, 39, b"hello"), "http", http))
     assert seen.entries[0][4:6] == (5, 5) and seen.entries[0][8] == "CONNECT"
 
 
@@ -248,7 +257,7 @@ def test_tunnel_idle_timeout():
         return (await read_until_closed(sock))[:2]
 
     with echo_upstream() as port:
-        seen = assert_same(run_both(client, "socks5", socks))
+        seen = assert_same(run_each(client, "socks5", socks))
     assert seen.entries[0][6].label == "tunnel-timeout"
 
 
@@ -271,20 +280,20 @@ def cancelled_after(data: bytes, *, wait_for: int = 0) -> Client:
 
 
 def test_cancelled_mid_handshake():
-    seen = assert_same(run_both(cancelled_after(HELLO, wait_for=2), "socks5", socks))
+    seen = assert_same(run_each(cancelled_after(HELLO, wait_for=2), "socks5", socks))
     assert seen.entries[0][6].label == "cancelled"
 
 
 def test_cancelled_while_dialing():
     with blackhole_port() as port:
-        seen = assert_same(run_both(cancelled_after(HELLO + socks_connect("127.0.0.1", port), wait_for=2),
+        seen = assert_same(run_each(cancelled_after(HELLO + socks_connect("127.0.0.1", port), wait_for=2),
                                     "socks5", socks))
     assert seen.entries[0][6].label == "cancelled" and seen.entries[0][1] == f"127.0.0.1:{port}"
 
 
 def test_cancelled_in_a_tunnel():
     with echo_upstream() as port:
-        seen = assert_same(run_both(cancelled_after(HELLO + socks_connect("127.0.0.1", port), wait_for=12),
+        seen = assert_same(run_each(cancelled_after(HELLO + socks_connect("127.0.0.1", port), wait_for=12),
                                     "socks5", socks))
     assert seen.entries[0][6].label == "cancelled"
 
@@ -295,7 +304,7 @@ def test_drain_before_the_first_request():
         running.drain()
         return await read_until_closed(sock)
 
-    seen = assert_same(run_both(client, "http", http))
+    seen = assert_same(run_each(client, "http", http))
     assert seen.entries[0][6].label == "cancelled" and seen.entries[0][7] == "zep is draining"
 
 
@@ -332,3 +341,79 @@ def test_the_common_path_runs_no_task_and_leaves_no_timer():
         assert others == set()
         _, left = asyncio.run(asyncio.wait_for(main(port), 20))
     assert left == set()
+
+
+# ----------------------------------------------------------------------------- the engine's handshake
+
+needs_engine = pytest.mark.skipif(relay.start_socks is None, reason="the compiled relay is not in use")
+
+
+def dripping(data: bytes, then: Client) -> Client:
+    """Sends `data` a byte at a time, each after the last has been taken in, then runs `then`."""
+    async def client(sock: socket.socket, running: Running) -> bytes:
+        for i in range(len(data)):
+            await asyncio.get_running_loop().sock_sendall(sock, data[i:i + 1])
+            await asyncio.sleep(0.002)
+        return await then(sock, running)
+    return client
+
+
+def engine_counts() -> tuple[int, int, int]:
+    stats = relay.stats()
+    return stats["socks_native"], stats["socks_relayed"], stats["socks_given_back"]
+
+
+def native_only(client: Client, exchange: Callable[[], Exchange] = socks, ctx: Callable[[], Context] = context,
+                ) -> tuple[Seen, tuple[int, int, int]]:
+    """One run on the engine's driver: what the client saw, and how the engine's counts moved."""
+    entries: list[AccessEntry] = []
+    before = engine_counts()
+    accesslog.subscribe(entries.append)
+    try:
+        received = uvloop.run(asyncio.wait_for(_one("native", client, "socks5", exchange(), ctx()), 20))
+    finally:
+        accesslog.unsubscribe(entries.append)
+    after = engine_counts()
+    return Seen(received, [comparable(e) for e in entries]), tuple(a - b for a, b in zip(after, before))
+
+
+@needs_engine
+def test_the_engine_keeps_the_common_path_to_itself():
+    with echo_upstream() as port:
+        seen, (native, relayed, given_back) = native_only(
+            tunnel_client(HELLO + socks_connect("127.0.0.1", port), 12, b"ping"))
+    assert (native, relayed, given_back) == (1, 1, 0)
+    assert seen.received == b"\x05\x00ping" and seen.entries[0][6].label == "ok"
+
+
+@needs_engine
+def test_the_engine_logs_a_login_and_relays():
+    login = b"\x05\x01\x02\x01\x05alice\x06s3cret"
+    with echo_upstream() as port:
+        request = login + socks_connect("127.0.0.1", port)
+        for dribble in (False, True):
+            client = tunnel_client(request, 14, b"ping")
+            seen, counts = native_only(dripping(request, tunnel_client(b"", 14, b"ping")) if dribble else client,
+                                       lambda: Socks5Exchange(CREDENTIALS), lambda: context(credentials=CREDENTIALS))
+            assert counts == (1, 1, 0), dribble
+            assert seen.received == b"\x05\x02ping" and seen.entries[0][3] == "alice"
+
+
+@needs_engine
+def test_a_name_goes_back_to_python_with_the_same_outcome():
+    port = closed_port()
+    seen, counts = native_only(sends(HELLO + socks_connect("localhost", port)))
+    assert counts == (1, 0, 1)
+    assert seen.entries[0][6].label == "dial-failed"
+
+
+@pytest.mark.parametrize("data", [
+    HELLO + socks_connect("127.0.0.1", 1),
+    b"\x05\x01\x02\x01\x05alice\x05wrong",
+    b"\x05\x02\x00\x02",
+    HELLO + b"\x05\x01\x00\x04" + b"\x00" * 15 + b"\x01\x00\x50",
+])
+def test_a_handshake_sent_a_byte_at_a_time_ends_the_same_on_every_driver(data):
+    ctx = lambda: context(credentials=CREDENTIALS if data[2] == 2 and data[1] == 1 else None)  # noqa: E731
+    exchange = lambda: Socks5Exchange(CREDENTIALS if data[2] == 2 and data[1] == 1 else None)  # noqa: E731
+    assert_same(run_each(dripping(data, sends(b"")), "socks5", exchange, ctx))

@@ -188,8 +188,8 @@ def test_refused_upstream_gets_502(zep):
     assert result.stdout.endswith(b"502")
 
 
-def test_dial_timeout_gets_504(relay_impl, fast_path):
-    with start_zep("--direct", "--connect-timeout", "0.5", relay=relay_impl, fast_path=fast_path) as zp, blackhole_port() as port:
+def test_dial_timeout_gets_504(relay_impl, driver):
+    with start_zep("--direct", "--connect-timeout", "0.5", relay=relay_impl, driver=driver) as zp, blackhole_port() as port:
         status, _, _ = proxy_request(zp.http_port, f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert status == 504
         status, _, _ = proxy_request(zp.http_port, f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -209,8 +209,8 @@ def test_upstream_that_closes_without_answering_gets_502(zep):
             assert b"upstream closed" in body
 
 
-def test_http_over_maxconn_gets_503(relay_impl, fast_path, echo):
-    with start_zep("--direct", "--maxconn", "1", relay=relay_impl, fast_path=fast_path) as zp:
+def test_http_over_maxconn_gets_503(relay_impl, driver, echo):
+    with start_zep("--direct", "--maxconn", "1", relay=relay_impl, driver=driver) as zp:
         with socket.create_connection(("127.0.0.1", zp.http_port), timeout=10) as first:
             first.sendall(f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert recv_exactly(first, 39).startswith(b"HTTP/1.1 200")
@@ -290,8 +290,8 @@ def test_failed_login_logs_only_a_configured_user_name(zep_auth, http_a, user, l
     assert f" {logged} " in line and "s3cret" not in line and "outcome=auth-failed" in line
 
 
-def test_json_log_lines(relay_impl, fast_path, http_a, http_b):
-    with start_zep("--direct", "--log-format", "json", relay=relay_impl, fast_path=fast_path) as zp:
+def test_json_log_lines(relay_impl, driver, http_a, http_b):
+    with start_zep("--direct", "--log-format", "json", relay=relay_impl, driver=driver) as zp:
         with socket.create_connection(("127.0.0.1", zp.http_port), timeout=10) as sock:
             for upstream, path in ((http_a, "/whoami?q=1"), (http_b, "/nothing"), (http_a, "/whoami")):
                 sock.sendall(f"GET http://127.0.0.1:{upstream.port}{path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())

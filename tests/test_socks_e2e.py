@@ -227,23 +227,23 @@ def test_not_a_socks_client_is_closed(zep):
     zep.wait_for_log("outcome=bad-request")
 
 
-def test_connect_timeout_gets_0x06(relay_impl, fast_path):
-    with start_zep("--direct", "--connect-timeout", "0.5", relay=relay_impl, fast_path=fast_path) as zp, blackhole_port() as port:
+def test_connect_timeout_gets_0x06(relay_impl, driver):
+    with start_zep("--direct", "--connect-timeout", "0.5", relay=relay_impl, driver=driver) as zp, blackhole_port() as port:
         with socks_session(zp.socks_port, "127.0.0.1", port) as (_sock, reply):
             assert reply == 0x06
         assert "outcome=dial-timeout" in zp.wait_for_log(f"target=127.0.0.1:{port}")
 
 
-def test_handshake_timeout_closes_silent_clients(relay_impl, fast_path):
-    with start_zep("--direct", "--handshake-timeout", "0.3", relay=relay_impl, fast_path=fast_path) as zp:
+def test_handshake_timeout_closes_silent_clients(relay_impl, driver):
+    with start_zep("--direct", "--handshake-timeout", "0.3", relay=relay_impl, driver=driver) as zp:
         with socket.create_connection(("127.0.0.1", zp.socks_port), timeout=10) as sock:
             sock.sendall(b"\x05")  # a greeting that never completes
             assert sock.recv(1) == b""
         assert "no complete SOCKS5 request" in zp.wait_for_log("proto=socks5")
 
 
-def test_tunnel_idle_timeout(relay_impl, fast_path, echo):
-    with start_zep("--direct", "--tunnel-timeout", "0.5", relay=relay_impl, fast_path=fast_path) as zp:
+def test_tunnel_idle_timeout(relay_impl, driver, echo):
+    with start_zep("--direct", "--tunnel-timeout", "0.5", relay=relay_impl, driver=driver) as zp:
         with socks_session(zp.socks_port, echo.host, echo.port) as (sock, reply):
             assert reply == 0
             sock.settimeout(10)
@@ -252,8 +252,8 @@ def test_tunnel_idle_timeout(relay_impl, fast_path, echo):
         assert "outcome=tunnel-timeout" in zp.wait_for_log(f"target=127.0.0.1:{echo.port}")
 
 
-def test_connections_over_maxconn_are_refused_promptly(relay_impl, fast_path, echo):
-    with start_zep("--direct", "--maxconn", "2", relay=relay_impl, fast_path=fast_path) as zp:
+def test_connections_over_maxconn_are_refused_promptly(relay_impl, driver, echo):
+    with start_zep("--direct", "--maxconn", "2", relay=relay_impl, driver=driver) as zp:
         with socks_session(zp.socks_port, echo.host, echo.port) as (first, _), \
                 socks_session(zp.socks_port, echo.host, echo.port) as (second, _):
             with socket.create_connection(("127.0.0.1", zp.socks_port), timeout=5) as third:
@@ -267,8 +267,8 @@ def test_connections_over_maxconn_are_refused_promptly(relay_impl, fast_path, ec
             assert reply == 0
 
 
-def test_second_sigterm_ends_open_tunnels_at_once_and_logs_them(relay_impl, fast_path, echo):
-    with start_zep("--direct", relay=relay_impl, fast_path=fast_path) as zp:
+def test_second_sigterm_ends_open_tunnels_at_once_and_logs_them(relay_impl, driver, echo):
+    with start_zep("--direct", relay=relay_impl, driver=driver) as zp:
         with socks_session(zp.socks_port, echo.host, echo.port) as (sock, reply):
             assert reply == 0
             sock.sendall(b"12345")

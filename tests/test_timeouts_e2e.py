@@ -19,10 +19,10 @@ BOUND = 10  # seconds a test waits for zep to act: far beyond every timeout, so 
 
 
 @pytest.fixture(scope="module")
-def zep_short(relay_impl: str, fast_path: bool) -> Iterator[ZepProcess]:
+def zep_short(relay_impl: str, driver: str) -> Iterator[ZepProcess]:
     with start_zep("--direct", "--timeout-http-request", SHORT, "--timeout-http-keep-alive", SHORT,
                    "--timeout-client", SHORT, "--timeout-server", SHORT, "--timeout-tunnel", SHORT,
-                   relay=relay_impl, fast_path=fast_path) as zp:
+                   relay=relay_impl, driver=driver) as zp:
         yield zp
 
 

@@ -18,6 +18,14 @@ falls back to COPY, recv/send on a fixed buffer, for good. Readiness is edge-tri
 registered once and the engine keeps its own "readable"/"writable" flags, cleared on EAGAIN, or on
 a short read from a byte stream (its queue was empty, and the next arrival raises a new edge), so
 there is no epoll_ctl per state change and no read that only says EAGAIN after a short message.
+
+The engine can also take a SOCKS5 client straight from accept (``start_socks()``): it reads the
+greeting, the user/password login and the request itself, posts the request to Python, which
+routes it (policy stays in Python), connects to the address Python names, sends the reply and
+relays, with one Python visit per connection between accept and the end. Anything off that path
+(a wrong byte, a failed login, a name to resolve, EOF, a timeout, a failed connect) is given back:
+the client's socket goes to Python with every byte read and every byte sent, and Python's own
+exchange replays them and carries on (zep.nativepath).
 """
 
 import asyncio
@@ -28,12 +36,12 @@ import socket
 import threading
 import time
 
-from libc.errno cimport EAGAIN, EINTR, EINVAL, ENOMEM, errno
-from libc.stdint cimport int64_t, uint64_t, uintptr_t
+from libc.errno cimport EAGAIN, EINPROGRESS, EINTR, EINVAL, ENOMEM, errno
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from posix cimport unistd
-from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK, fcntl
+from posix.fcntl cimport F_GETFL, F_SETFL, O_CLOEXEC, O_NONBLOCK, fcntl
 from posix.signal cimport SIG_SETMASK, sigfillset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.types cimport sigset_t
@@ -42,7 +50,7 @@ from zep.includes cimport system as c
 
 from zep.relay_result import RelayCancelled, RelayEnd, RelayResult, RelayUnavailable
 
-__all__ = ["relay", "start_pair", "start", "ready", "stop", "stats"]
+__all__ = ["relay", "start_pair", "start_socks", "start", "ready", "stop", "stats"]
 
 
 # -- engine data (plain C) ---------------------------------------------------------
@@ -77,6 +85,24 @@ cdef enum:
     END_CLIENT_ERROR = 3
     END_UPSTREAM_ERROR = 4
     END_CANCELLED = 5
+    END_GIVEN_BACK = 6    # a native SOCKS5 handshake went back to Python (Socks.reason says why)
+
+cdef enum Phase:
+    PH_RELAY = 0          # relaying (every pair of relay()/start_pair())
+    PH_SOCKS              # start_socks(): reading the client's handshake
+    PH_DECIDE             # the request is posted: Python routes it
+    PH_CONNECT            # connecting to the address Python named
+
+cdef enum:
+    # Why a native handshake was given back (GiveBack in zep.nativepath has the same values).
+    GB_PYTHON = 1         # off the common path, or Python asked: its exchange carries on
+    GB_EOF = 2
+    GB_ERROR = 3
+    GB_TIMEOUT = 4        # the http-request timeout ran out
+    GB_CONNECT_FAILED = 5
+    GB_CONNECT_TIMEOUT = 6
+    GB_CANCELLED = 7
+    HS_MAX = 1024         # the longest handshake taken natively (greeting + login + request: < 800)
 
 cdef int DEFAULT_PIPE_SIZE = 1 << 20
 cdef int DEFAULT_POOL_CAP = 256
@@ -105,6 +131,44 @@ cdef struct Dir:
     bint shut             # EOF passed on: shutdown(dst, SHUT_WR) done
 
 
+cdef struct Socks:
+    # A native SOCKS5 handshake (PH_SOCKS .. PH_CONNECT); freed once the pair relays.
+    unsigned char buf[HS_MAX]   # every byte read from the client
+    size_t len
+    size_t pos            # where the next step's bytes start
+    int step              # STEP_GREETING, STEP_LOGIN, STEP_REQUEST
+    unsigned char sent[4] # every byte sent to the client
+    int sent_len
+    bint login            # user/password required (else no authentication)
+    unsigned char user[255]
+    int user_len
+    unsigned char password[255]
+    int password_len
+    int64_t timeout_ms    # http-request
+    int64_t connect_ms    # connect
+    # the request
+    int atyp
+    unsigned char addr[16]
+    int port
+    size_t request_end    # bytes after it are early data for the upstream
+    # the dial Python asked for
+    int family
+    unsigned char dial_addr[16]
+    int dial_port
+    uint32_t scope_id
+    int64_t dial_started_ns
+    # given back
+    int reason
+    int err
+    int client_fd
+
+
+cdef enum:
+    STEP_GREETING = 0
+    STEP_LOGIN = 1
+    STEP_REQUEST = 2
+
+
 cdef struct Pair:
     int fd[2]
     bint rd[2]            # edge-triggered readiness, cleared on EAGAIN
@@ -116,6 +180,10 @@ cdef struct Pair:
     int64_t last_ms
     int ended             # RUNNING or END_*
     int err               # errno when ended by an error
+    Phase phase
+    Socks *hs             # the native handshake (NULL for other pairs, and once relaying)
+    int64_t deadline_ms   # PH_SOCKS / PH_CONNECT: when it times out
+    int64_t dial_ns       # how long the native connect took
     # shared with the Python side, under the engine mutex
     int refs
     bint posted           # on the completion queue (the engine is done with it)
@@ -124,6 +192,9 @@ cdef struct Pair:
     Pair *sq_next
     Pair *cq_next
     Pair *cancel_next
+    Pair *rq_next         # on the request queue (to Python)
+    Pair *dq_next         # on the decision queue (from Python)
+    bint connect          # the decision: connect (else give back)
     # engine thread only
     Pair *act_prev
     Pair *act_next
@@ -145,6 +216,9 @@ cdef struct Stats:
     uint64_t wakeups
     uint64_t to_splice
     uint64_t to_copy
+    uint64_t socks_native     # handshakes taken natively
+    uint64_t socks_relayed    # ... that became tunnels without Python's exchange
+    uint64_t socks_given_back
 
 
 cdef struct Engine:
@@ -162,6 +236,9 @@ cdef struct Engine:
     Pair *cancel_head
     Pair *cq_head
     Pair *cq_tail
+    Pair *rq_head         # native requests for Python to route
+    Pair *rq_tail
+    Pair *dq_head         # Python's decisions on them
     bint stop
     bint exited           # the thread is gone: `published` is final
     uint64_t stats_asked  # stats requests made ...
@@ -185,6 +262,17 @@ cdef inline int64_t now_ms() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef void pair_free(Pair *p) noexcept nogil:
+    free(p.hs)
+    free(p)
 
 
 cdef inline Step io_step(ssize_t n, bint splicing, int *err) noexcept nogil:
@@ -515,6 +603,9 @@ cdef void on_event(Engine *e, Pair *p, int side, unsigned int events) noexcept n
     cdef c.socklen_t len = sizeof(err)
     if p.ended != RUNNING:
         return            # finished earlier in this batch
+    if p.phase != PH_RELAY:
+        on_handshake_event(e, p, side, events)
+        return
     if events & c.EPOLLERR:
         if c.getsockopt(p.fd[side], c.SOL_SOCKET, c.SO_ERROR, &err, &len) == 0 and err != 0:
             fail(e, p, side, err)
@@ -559,21 +650,360 @@ cdef void begin_pair(Engine *e, Pair *p) noexcept nogil:
     # edge-triggered ADD reports current readiness on the next wait
 
 
+cdef inline void schedule(Engine *e, int64_t due) noexcept nogil:
+    if e.next_scan_ms < 0 or due < e.next_scan_ms:
+        e.next_scan_ms = due
+
+
 cdef void scan_idle(Engine *e) noexcept nogil:
+    """Idle tunnels end; handshakes and connects past their deadline are given back."""
     cdef Pair *p = e.active
     cdef Pair *nxt
     cdef int64_t due
     cdef int64_t next_scan = -1
     while p != NULL:
         nxt = p.act_next
-        if p.idle_ms >= 0:
-            due = p.last_ms + p.idle_ms
-            if due <= e.now_ms:
+        due = -1
+        if p.phase == PH_RELAY:
+            if p.idle_ms >= 0:
+                due = p.last_ms + p.idle_ms
+        elif p.phase != PH_DECIDE:
+            due = p.deadline_ms
+        if due >= 0:
+            if due > e.now_ms:
+                if next_scan < 0 or due < next_scan:
+                    next_scan = due
+            elif p.phase == PH_RELAY:
                 finish(e, p, END_IDLE)
-            elif next_scan < 0 or due < next_scan:
-                next_scan = due
+            elif p.phase == PH_SOCKS:
+                give_back(e, p, GB_TIMEOUT, 0)
+            else:
+                give_back(e, p, GB_CONNECT_TIMEOUT, 0)
         p = nxt
     e.next_scan_ms = next_scan
+
+
+# -- native SOCKS5 (start_socks) ----------------------------------------------------------
+
+cdef void give_back(Engine *e, Pair *p, int reason, int err) noexcept nogil:
+    """End the pair here, keeping the client's socket open for Python (see Socks.client_fd)."""
+    cdef c.epoll_event ev
+    if p.ended != RUNNING:
+        return
+    c.epoll_ctl(e.epfd, c.EPOLL_CTL_DEL, p.fd[CLIENT], &ev)
+    p.hs.client_fd = p.fd[CLIENT]
+    p.fd[CLIENT] = -1
+    if p.hs.dial_started_ns:
+        p.dial_ns = now_ns() - p.hs.dial_started_ns   # a failed dial's time counts too
+    p.hs.reason = reason
+    p.hs.err = err
+    p.ended = END_GIVEN_BACK
+    e.st.socks_given_back += 1
+    teardown(e, p)        # closes an upstream socket that never carried a byte
+
+
+cdef void begin_socks(Engine *e, Pair *p) noexcept nogil:
+    cdef c.epoll_event ev
+    cdef int one = 1
+    cdef int flags = fcntl(p.fd[CLIENT], F_GETFL)
+    if flags >= 0 and not flags & O_NONBLOCK:
+        fcntl(p.fd[CLIENT], F_SETFL, flags | O_NONBLOCK)
+    c.setsockopt(p.fd[CLIENT], c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one))  # not a TCP socket: no matter
+    p.act_prev = NULL
+    p.act_next = e.active
+    if e.active != NULL:
+        e.active.act_prev = p
+    e.active = p
+    e.st.active += 1
+    e.st.socks_native += 1
+    p.deadline_ms = e.now_ms + p.hs.timeout_ms
+    schedule(e, p.deadline_ms)
+    ev.events = c.EPOLLIN | c.EPOLLOUT | c.EPOLLRDHUP | c.EPOLLET   # what the relay wants later too
+    ev.data.u64 = <uint64_t><uintptr_t>p | <uint64_t>CLIENT
+    if c.epoll_ctl(e.epfd, c.EPOLL_CTL_ADD, p.fd[CLIENT], &ev) < 0:
+        give_back(e, p, GB_PYTHON, 0)
+
+
+cdef void on_handshake_event(Engine *e, Pair *p, int side, unsigned int events) noexcept nogil:
+    """Readiness is recorded in every phase (the relay starts from it); the client is read only
+    while its handshake is, the upstream looked at only while it connects."""
+    if events & (c.EPOLLIN | c.EPOLLRDHUP | c.EPOLLHUP | c.EPOLLERR):
+        p.rd[side] = True
+    if events & (c.EPOLLRDHUP | c.EPOLLHUP | c.EPOLLERR):
+        p.rdhup[side] = True
+    if events & (c.EPOLLOUT | c.EPOLLHUP | c.EPOLLERR):
+        p.wr[side] = True
+    if p.phase == PH_SOCKS and side == CLIENT:
+        socks_read(e, p)
+    elif p.phase == PH_CONNECT and side == UPSTREAM and events & (c.EPOLLOUT | c.EPOLLHUP | c.EPOLLERR):
+        connect_done(e, p)
+
+
+cdef void socks_read(Engine *e, Pair *p) noexcept nogil:
+    """Read what the client sent, then take the handshake as far as it goes. The bytes are all
+    parsed before an EOF or an error counts, as Python's exchange does."""
+    cdef Socks *s = p.hs
+    cdef ssize_t n
+    cdef int err = 0
+    cdef bint eof = False
+    while p.rd[CLIENT] and s.len < HS_MAX:
+        n = c.recv(p.fd[CLIENT], s.buf + s.len, HS_MAX - s.len, c.MSG_DONTWAIT)
+        if n > 0:
+            s.len += n
+            if s.len < HS_MAX and not p.rdhup[CLIENT]:
+                p.rd[CLIENT] = False    # a short read emptied the queue: the next byte is an edge
+        elif n == 0:
+            eof = True
+            break
+        elif errno == EAGAIN:
+            p.rd[CLIENT] = False
+        elif errno != EINTR:
+            err = errno
+            break
+    socks_parse(e, p)
+    if p.ended != RUNNING or p.phase != PH_SOCKS:
+        return
+    if err:
+        give_back(e, p, GB_ERROR, err)
+    elif eof:
+        give_back(e, p, GB_EOF, 0)
+    elif s.len == HS_MAX:
+        give_back(e, p, GB_PYTHON, 0)
+
+
+cdef bint same_bytes(const unsigned char *a, int a_len, const unsigned char *b, int b_len) noexcept nogil:
+    """Equal, in a time that depends on the lengths only."""
+    cdef unsigned char diff = 0
+    cdef int i
+    if a_len != b_len:
+        return False
+    for i in range(a_len):
+        diff |= a[i] ^ b[i]
+    return diff == 0
+
+
+cdef bint socks_send(Engine *e, Pair *p, const unsigned char *data, int n) noexcept nogil:
+    """Send an answer of the handshake; anything but all of it at once gives the pair back
+    (Python's exchange, replayed, sends what is missing or meets the error itself)."""
+    cdef ssize_t sent = c.send(p.fd[CLIENT], data, n, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+    if sent > 0:
+        memcpy(p.hs.sent + p.hs.sent_len, data, sent)
+        p.hs.sent_len += <int>sent
+    if sent == n:
+        return True
+    give_back(e, p, GB_PYTHON, 0)
+    return False
+
+
+cdef void socks_parse(Engine *e, Pair *p) noexcept nogil:
+    """The common path of RFC 1928/1929, as zep.socks5 takes it: greeting, login, CONNECT to an
+    IP literal. Any other byte goes back to Python before anything is said about it."""
+    cdef Socks *s = p.hs
+    cdef const unsigned char *b
+    cdef size_t avail, end, alen
+    cdef unsigned char answer[2]
+    cdef unsigned char wanted
+    cdef int i, ulen, plen
+    cdef bint offered
+    while True:
+        b = s.buf + s.pos
+        avail = s.len - s.pos
+        if s.step == STEP_GREETING:
+            if avail < 2 or avail < 2 + <size_t>b[1]:
+                if avail >= 1 and b[0] != 5:
+                    give_back(e, p, GB_PYTHON, 0)
+                return
+            if b[0] != 5:
+                give_back(e, p, GB_PYTHON, 0)
+                return
+            wanted = 2 if s.login else 0
+            offered = False
+            for i in range(b[1]):
+                if b[2 + i] == wanted:
+                    offered = True
+            if not offered:
+                give_back(e, p, GB_PYTHON, 0)
+                return
+            s.pos += 2 + b[1]
+            answer[0] = 5
+            answer[1] = wanted
+            if not socks_send(e, p, answer, 2):
+                return
+            s.step = STEP_LOGIN if s.login else STEP_REQUEST
+        elif s.step == STEP_LOGIN:
+            if avail >= 1 and b[0] != 1:
+                give_back(e, p, GB_PYTHON, 0)
+                return
+            if avail < 2:
+                return
+            ulen = b[1]
+            if avail < <size_t>(3 + ulen):
+                return
+            plen = b[2 + ulen]
+            end = 3 + ulen + plen
+            if avail < end:
+                return
+            # both fields compared every time, as zep.auth does
+            if not (same_bytes(b + 2, ulen, s.user, s.user_len)
+                    & same_bytes(b + 3 + ulen, plen, s.password, s.password_len)):
+                give_back(e, p, GB_PYTHON, 0)   # the throttle and the log are Python's
+                return
+            s.pos += end
+            answer[0] = 1
+            answer[1] = 0
+            if not socks_send(e, p, answer, 2):
+                return
+            s.step = STEP_REQUEST
+        else:
+            if avail < 4:
+                return
+            if b[0] != 5 or b[1] != 1 or (b[3] != 1 and b[3] != 4):
+                give_back(e, p, GB_PYTHON, 0)   # not CONNECT, or a name: Python's
+                return
+            alen = 4 if b[3] == 1 else 16
+            if avail < 6 + alen:
+                return
+            s.atyp = b[3]
+            memcpy(s.addr, b + 4, alen)
+            s.port = (<int>b[4 + alen] << 8) | b[5 + alen]
+            if s.port == 0:
+                give_back(e, p, GB_PYTHON, 0)
+                return
+            s.request_end = s.pos + 6 + alen
+            p.phase = PH_DECIDE
+            post_request(e, p)
+            return
+
+
+cdef void post_request(Engine *e, Pair *p) noexcept nogil:
+    cdef uint64_t one = 1
+    cdef bint wake
+    c.pthread_mutex_lock(&e.mu)
+    # one pending wake-up serves both queues (_drain reads the eventfd, then takes both)
+    wake = e.cq_head == NULL and e.rq_head == NULL
+    p.rq_next = NULL
+    if e.rq_tail != NULL:
+        e.rq_tail.rq_next = p
+    else:
+        e.rq_head = p
+    e.rq_tail = p
+    c.pthread_mutex_unlock(&e.mu)
+    if wake:
+        unistd.write(e.cq_efd, &one, 8)
+
+
+cdef void socks_connect(Engine *e, Pair *p) noexcept nogil:
+    """Connect to the address Python named (a non-blocking connect, watched once it is under way)."""
+    cdef Socks *s = p.hs
+    cdef c.sockaddr_in sin
+    cdef c.sockaddr_in6 sin6
+    cdef c.sockaddr *sa
+    cdef c.socklen_t salen
+    cdef c.epoll_event ev
+    cdef int fd
+    cdef bint at_once
+    if s.family == c.AF_INET:
+        memset(&sin, 0, sizeof(sin))
+        sin.sin_family = c.AF_INET
+        sin.sin_port = c.htons(<uint16_t>s.dial_port)
+        memcpy(&sin.sin_addr, s.dial_addr, 4)
+        sa, salen = <c.sockaddr *>&sin, sizeof(sin)
+    else:
+        memset(&sin6, 0, sizeof(sin6))
+        sin6.sin6_family = c.AF_INET6
+        sin6.sin6_port = c.htons(<uint16_t>s.dial_port)
+        memcpy(&sin6.sin6_addr, s.dial_addr, 16)
+        sin6.sin6_scope_id = s.scope_id
+        sa, salen = <c.sockaddr *>&sin6, sizeof(sin6)
+    s.dial_started_ns = now_ns()
+    fd = c.socket(s.family, c.SOCK_STREAM | c.SOCK_NONBLOCK | c.SOCK_CLOEXEC, 0)
+    if fd < 0:
+        give_back(e, p, GB_CONNECT_FAILED, errno)
+        return
+    p.fd[UPSTREAM] = fd
+    p.stream[UPSTREAM] = True
+    p.phase = PH_CONNECT
+    if c.connect(fd, sa, salen) == 0:
+        at_once = True
+    elif errno == EINPROGRESS:
+        at_once = False
+    else:
+        give_back(e, p, GB_CONNECT_FAILED, errno)
+        return
+    # Watched only now: a socket not yet connecting polls as hung up.
+    ev.events = c.EPOLLIN | c.EPOLLOUT | c.EPOLLRDHUP | c.EPOLLET
+    ev.data.u64 = <uint64_t><uintptr_t>p | <uint64_t>UPSTREAM
+    if c.epoll_ctl(e.epfd, c.EPOLL_CTL_ADD, fd, &ev) < 0:
+        give_back(e, p, GB_CONNECT_FAILED, errno)
+    elif at_once:
+        connected(e, p)
+    else:
+        p.deadline_ms = e.now_ms + s.connect_ms
+        schedule(e, p.deadline_ms)
+
+
+cdef void connect_done(Engine *e, Pair *p) noexcept nogil:
+    cdef int err = 0
+    cdef c.socklen_t len = sizeof(err)
+    if c.getsockopt(p.fd[UPSTREAM], c.SOL_SOCKET, c.SO_ERROR, &err, &len) < 0:
+        err = errno
+    if err:
+        give_back(e, p, GB_CONNECT_FAILED, err)
+        return
+    connected(e, p)
+
+
+cdef void connected(Engine *e, Pair *p) noexcept nogil:
+    """Reply as zep.socks5.connect_reply(SUCCEEDED, upstream.getsockname()) does, then relay."""
+    cdef Socks *s = p.hs
+    cdef c.sockaddr_storage bound
+    cdef c.socklen_t blen = sizeof(bound)
+    cdef unsigned char reply[22]
+    cdef int n
+    cdef ssize_t sent
+    cdef c.epoll_event ev
+    cdef int k
+    p.dial_ns = now_ns() - s.dial_started_ns
+    memset(reply, 0, sizeof(reply))
+    reply[0] = 5
+    reply[3] = 1
+    n = 10                # 0.0.0.0:0 when the bound address cannot be had
+    if c.getsockname(p.fd[UPSTREAM], <c.sockaddr *>&bound, &blen) == 0:
+        if bound.ss_family == c.AF_INET:
+            memcpy(reply + 4, &(<c.sockaddr_in *>&bound).sin_addr, 4)
+            memcpy(reply + 8, &(<c.sockaddr_in *>&bound).sin_port, 2)
+        elif bound.ss_family == c.AF_INET6:
+            reply[3] = 4
+            memcpy(reply + 4, &(<c.sockaddr_in6 *>&bound).sin6_addr, 16)
+            memcpy(reply + 20, &(<c.sockaddr_in6 *>&bound).sin6_port, 2)
+            n = 22
+    sent = c.send(p.fd[CLIENT], reply, n, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+    if sent != n:
+        # A client that cannot take ten bytes at once has gone (or never reads): as a tunnel
+        # whose client failed at once.
+        fail(e, p, CLIENT, errno if sent < 0 else EAGAIN)
+        return
+    if s.len > s.request_end:
+        # pipelined after the request: the upstream gets it first
+        p.d[CLIENT].early_len = s.len - s.request_end
+        p.d[CLIENT].early = <char *>malloc(p.d[CLIENT].early_len)
+        if p.d[CLIENT].early == NULL:
+            fail(e, p, CLIENT, ENOMEM)
+            return
+        memcpy(p.d[CLIENT].early, s.buf + s.request_end, p.d[CLIENT].early_len)
+    free(p.hs)
+    p.hs = NULL
+    e.st.socks_relayed += 1
+    p.phase = PH_RELAY
+    p.last_ms = e.now_ms
+    if p.idle_ms >= 0:
+        schedule(e, p.last_ms + p.idle_ms)
+    for k in range(2):
+        if p.force_copy:
+            to_copy_mode(e, &p.d[k])
+        else:
+            p.d[k].mode = SMALL
+    pump(e, p)
 
 
 cdef bint take_commands(Engine *e, uint64_t *stats_asked) noexcept nogil:
@@ -583,11 +1013,25 @@ cdef bint take_commands(Engine *e, uint64_t *stats_asked) noexcept nogil:
     cdef Pair *p
     cdef Pair *nxt
     cdef Pair *kill = NULL
+    cdef Pair *decided = NULL
+    cdef Pair *dq
     cdef bint stop
     unistd.read(e.sq_efd, &junk, 8)
     c.pthread_mutex_lock(&e.mu)
     sq = e.sq_head
     e.sq_head = e.sq_tail = NULL
+    dq = e.dq_head
+    e.dq_head = NULL
+    # Each queued decision holds a reference too; one on a pair already posted has nothing to do.
+    while dq != NULL:
+        nxt = dq.dq_next
+        dq.refs -= 1
+        if dq.refs == 0:
+            pair_free(dq)
+        elif not dq.posted:
+            dq.dq_next = decided
+            decided = dq
+        dq = nxt
     p = e.cancel_head
     e.cancel_head = NULL
     stop = e.stop
@@ -600,7 +1044,7 @@ cdef bint take_commands(Engine *e, uint64_t *stats_asked) noexcept nogil:
         p.cancel_queued = False
         p.refs -= 1
         if p.refs == 0:
-            free(p)
+            pair_free(p)
         elif not p.posted:
             p.kill_next = kill
             kill = p
@@ -609,10 +1053,23 @@ cdef bint take_commands(Engine *e, uint64_t *stats_asked) noexcept nogil:
     p = sq
     while p != NULL:
         nxt = p.sq_next
-        begin_pair(e, p)
+        if p.phase == PH_SOCKS:
+            begin_socks(e, p)
+        else:
+            begin_pair(e, p)
         p = nxt
+    while decided != NULL:
+        p, decided = decided, decided.dq_next
+        if p.ended == RUNNING and p.phase == PH_DECIDE:
+            if p.connect:
+                socks_connect(e, p)
+            else:
+                give_back(e, p, GB_PYTHON, 0)
     while kill != NULL:
-        finish(e, kill, END_CANCELLED)
+        if kill.phase == PH_RELAY:
+            finish(e, kill, END_CANCELLED)
+        else:
+            give_back(e, kill, GB_CANCELLED, 0)   # Python's exchange logs what it had
         kill = kill.kill_next
     if stop:
         while e.active != NULL:
@@ -629,9 +1086,9 @@ cdef void post_finished(Engine *e) noexcept nogil:
         return
     e.fin_head = NULL
     c.pthread_mutex_lock(&e.mu)
-    # Wake asyncio only when the queue was empty: _drain reads the eventfd before it takes the
-    # queue, so a non-empty queue has a wake-up pending.
-    wake = e.cq_head == NULL
+    # Wake asyncio only when the queues were empty: _drain reads the eventfd before it takes
+    # them, so a non-empty queue has a wake-up pending.
+    wake = e.cq_head == NULL and e.rq_head == NULL
     while p != NULL:
         nxt = p.fin_next
         p.posted = True
@@ -752,10 +1209,16 @@ cdef class _Waiter:
     cdef object done
     cdef double t0
     cdef bint cancelled
+    # start_socks(): the request to route, and the handshake given back
+    cdef object request
+    cdef object given_back
+    cdef bint decided
+    cdef double dial_seconds
 
 
 cdef class PairHandle:
-    """A pair started with start_pair(): cancel() ends it; `done` still gets the counts."""
+    """A pair started with start_pair() or start_socks(): cancel() ends it; `done` still gets
+    the counts (or `given_back` the client, for a handshake not yet relaying)."""
     cdef _Waiter w
     cdef _Engine eng
 
@@ -764,6 +1227,29 @@ cdef class PairHandle:
         if w.result is None and not w.cancelled:
             w.cancelled = True
             self.eng.cancel(w.ptr)
+
+    def connect(self, int family, bytes address, int port, int scope_id=0):
+        """start_socks(): the answer to `request`: connect to this address (4 or 16 packed
+        bytes), then reply and relay."""
+        if family not in (socket.AF_INET, socket.AF_INET6) or len(address) != (4 if family == socket.AF_INET else 16):
+            raise ValueError(f"not an address of family {family}: {address!r}")
+        self._decide(True, family, address, port, scope_id)
+
+    def give_back(self):
+        """start_socks(): the other answer to `request`: the client goes back to Python."""
+        self._decide(False, 0, b"", 0, 0)
+
+    cdef _decide(self, bint connect, int family, bytes address, int port, int scope_id):
+        w = self.w
+        if w.decided:
+            raise RuntimeError("this request was answered already")
+        w.decided = True
+        self.eng.decide(w.ptr, connect, family, address, port, scope_id)
+
+    @property
+    def dial_seconds(self):
+        """How long the engine's connect took (start_socks(), once relaying)."""
+        return self.w.dial_seconds
 
 
 cdef class _Engine:
@@ -904,31 +1390,128 @@ cdef class _Engine:
         if queued:
             self._signal()
 
-    def _drain(self):
-        """add_reader callback: collect finished pairs, resolve their futures."""
+    cdef submit_socks(self, _Waiter w, int cfd, bytes user, bytes password, bint login, double timeout,
+                      double connect_timeout, object idle_timeout):
+        """Queue a client for a native SOCKS5 handshake (see start_socks)."""
+        cdef Pair *p
+        cdef Socks *s
+        cdef bint wake
+        if not self.running:
+            raise RelayUnavailable("the relay engine is stopped")
+        if len(user) > 255 or len(password) > 255:
+            raise ValueError("SOCKS5 user names and passwords are at most 255 bytes")
+        p = <Pair *>calloc(1, sizeof(Pair))
+        s = <Socks *>calloc(1, sizeof(Socks))
+        if p == NULL or s == NULL:
+            free(p)
+            free(s)
+            raise MemoryError()
+        p.hs = s
+        p.phase = PH_SOCKS
+        p.fd[CLIENT] = cfd
+        p.fd[UPSTREAM] = -1
+        p.stream[CLIENT] = True
+        p.d[0].pipe.r = p.d[0].pipe.w = p.d[1].pipe.r = p.d[1].pipe.w = -1
+        p.idle_ms = -1 if idle_timeout is None else max(0, <int64_t>(float(idle_timeout) * 1000.0 + 0.5))
+        p.force_copy = not _splice_enabled
+        p.refs = 2
+        s.login = login
+        s.user_len = len(user)
+        memcpy(s.user, <char *>user, s.user_len)
+        s.password_len = len(password)
+        memcpy(s.password, <char *>password, s.password_len)
+        s.timeout_ms = max(0, <int64_t>(timeout * 1000.0 + 0.5))
+        s.connect_ms = max(0, <int64_t>(connect_timeout * 1000.0 + 0.5))
+        s.client_fd = -1
+        w.ptr = <uintptr_t>p
+        self.waiting[w.ptr] = w
+        with nogil:
+            c.pthread_mutex_lock(&self.e.mu)
+            wake = self.e.sq_head == NULL and self.e.dq_head == NULL
+            if self.e.sq_tail != NULL:
+                self.e.sq_tail.sq_next = p
+            else:
+                self.e.sq_head = p
+            self.e.sq_tail = p
+            self.e.st.submitted += 1
+            c.pthread_mutex_unlock(&self.e.mu)
+        if wake:
+            self._signal()
+
+    cdef void decide(self, uintptr_t ptr, bint connect, int family, bytes address, int port,
+                     int scope_id) noexcept:
+        cdef Pair *p = <Pair *>ptr
+        cdef bint wake
+        cdef const char *packed = address
+        with nogil:
+            c.pthread_mutex_lock(&self.e.mu)
+            wake = self.e.sq_head == NULL and self.e.dq_head == NULL
+            if not p.posted:
+                # the engine does not touch hs while the request is Python's (PH_DECIDE)
+                p.connect = connect
+                if connect:
+                    p.hs.family = family
+                    memcpy(p.hs.dial_addr, packed, 16 if family == c.AF_INET6 else 4)
+                    p.hs.dial_port = port
+                    p.hs.scope_id = <uint32_t>scope_id
+                p.refs += 1
+                p.dq_next = self.e.dq_head
+                self.e.dq_head = p
+            else:
+                wake = False
+            c.pthread_mutex_unlock(&self.e.mu)
+        if wake:
+            self._signal()
+
+    def _drain(self, running=None):
+        """add_reader callback of the loop `running` (None: after the engine stopped): hand native
+        requests to be routed, collect finished pairs, resolve their futures."""
         cdef uint64_t junk
         cdef Pair *p
+        cdef Pair *r
         cdef Pair *nxt
+        cdef Socks *s
+        cdef list requests = []
         cdef list done = []
         unistd.read(self.e.cq_efd, &junk, 8)
         with nogil:
             c.pthread_mutex_lock(&self.e.mu)
+            r = self.e.rq_head
+            self.e.rq_head = self.e.rq_tail = NULL
             p = self.e.cq_head
             self.e.cq_head = self.e.cq_tail = NULL
             c.pthread_mutex_unlock(&self.e.mu)
+        while r != NULL:
+            # PH_DECIDE: the engine leaves the request to Python until it answers
+            s = r.hs
+            requests.append((<uintptr_t>r, s.atyp, (<char *>s.addr)[:4 if s.atyp == 1 else 16], s.port))
+            r = r.rq_next
         while p != NULL:
             nxt = p.cq_next
             # posted: the engine no longer writes to it; relay() releases it
-            done.append((<uintptr_t>p, p.d[0].bytes, p.d[1].bytes, p.ended, p.err, p.d[1].shut))
+            given = None
+            if p.ended == END_GIVEN_BACK:
+                s = p.hs
+                given = (s.client_fd, (<char *>s.buf)[:s.len], (<char *>s.sent)[:s.sent_len], s.reason, s.err)
+            done.append((<uintptr_t>p, p.d[0].bytes, p.d[1].bytes, p.ended, p.err, p.d[1].shut,
+                         p.dial_ns, given))
             p = nxt
-        for ptr, up, down, ended, err, down_shut in done:
+        for ptr, atyp, address, port in requests:
+            w = <_Waiter>self.waiting[ptr]
+            _invoke(running, w.loop, w.request, (atyp, address, port))
+        for ptr, up, down, ended, err, down_shut, dial_ns, given in done:
             w = <_Waiter>self.waiting.pop(ptr)
             w.result = (up, down, ended, err, down_shut)
-            if w.done is not None:
+            w.dial_seconds = dial_ns / 1e9
+            if given is not None:
                 self.release(ptr)
-                _call_done(w)
+                w.done = None
+                _invoke(running, w.loop, w.given_back, given)
+            elif w.done is not None:
+                self.release(ptr)
+                _call_done(w, running)
             else:
-                _wake(w)
+                _wake(w, running)
 
     cdef void release(self, uintptr_t ptr) noexcept:
         """Drop relay()'s reference to a posted pair."""
@@ -937,7 +1520,7 @@ cdef class _Engine:
             c.pthread_mutex_lock(&self.e.mu)
             p.refs -= 1
             if p.refs == 0:
-                free(p)
+                pair_free(p)
             c.pthread_mutex_unlock(&self.e.mu)
 
     def watch(self, loop):
@@ -946,7 +1529,7 @@ cdef class _Engine:
         if loop not in self.loops:
             for old in [l for l in self.loops if l.is_closed()]:
                 del self.loops[old]
-            loop.add_reader(self.e.cq_efd, self._drain)
+            loop.add_reader(self.e.cq_efd, self._drain, loop)
             self.loops[loop] = True
 
     def _unwatch_all(self):
@@ -988,7 +1571,11 @@ cdef class _Engine:
         with nogil:
             c.pthread_join(e.thread, NULL)
         self.running = False
-        self._drain()
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        self._drain(here)
         self._unwatch_all()
         close_engine_fds(e)
 
@@ -1038,24 +1625,23 @@ cdef class _Engine:
             "wakeups": s.wakeups,
             "small_to_splice": s.to_splice,
             "splice_to_small": s.to_copy,
+            "socks_native": s.socks_native,
+            "socks_relayed": s.socks_relayed,
+            "socks_given_back": s.socks_given_back,
         }
 
 
-cdef _wake(_Waiter w):
+cdef _wake(_Waiter w, running):
     fut = w.fut
     if fut is None or fut.done():
         return
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
     if running is w.loop:
         fut.set_result(None)
     elif not w.loop.is_closed():
         w.loop.call_soon_threadsafe(_set_if_pending, fut)
 
 
-cdef _call_done(_Waiter w):
+cdef _call_done(_Waiter w, running):
     """Hand a start_pair() pair's result to its callback, on its own loop."""
     up, down, ended, err, down_shut = w.result
     end = RelayEnd.CANCELLED if w.cancelled else _END[ended]
@@ -1063,14 +1649,19 @@ cdef _call_done(_Waiter w):
                          _errname(err) if end in (RelayEnd.CLIENT_ERROR, RelayEnd.UPSTREAM_ERROR) else "",
                          download_finished=bool(down_shut))
     done, w.done = w.done, None
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is w.loop:
-        done(result)
-    elif not w.loop.is_closed():
-        w.loop.call_soon_threadsafe(done, result)
+    _invoke(running, w.loop, done, (result,))
+
+
+cdef _invoke(running, loop, callback, tuple args):
+    """Call `callback(*args)` on `loop`: now if this drain runs on it, else soon. A callback that
+    raises goes to its loop's exception handler and never keeps the drain from the other pairs."""
+    if running is loop:
+        try:
+            callback(*args)
+        except Exception as exc:
+            loop.call_exception_handler({"message": "a relay engine callback failed", "exception": exc})
+    elif not loop.is_closed():
+        loop.call_soon_threadsafe(callback, *args)
 
 
 def _set_if_pending(fut):
@@ -1143,6 +1734,39 @@ def start_pair(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeout
     w.loop = asyncio.get_running_loop()
     w.done = done
     _submit(eng, w, client, upstream, to_upstream, to_client, idle_timeout)
+    handle.w, handle.eng = w, eng
+    return handle
+
+
+def start_socks(int client, *, credentials=None, handshake_timeout, connect_timeout, idle_timeout, request, done,
+                given_back, loop=None):
+    """Run a SOCKS5 client's handshake in the engine (see the module's docstring). `client` is the
+    accepted socket's fd, the engine's from now on (it makes it non-blocking, sets TCP_NODELAY).
+
+    `credentials`: (user, password) as bytes for RFC 1929, None for no authentication.
+    `request(atyp, address, port)` is called on this loop with a CONNECT to an IP literal (atyp 1
+    or 4, the packed address); it must answer with `handle.connect(...)` or `handle.give_back()`.
+    `done(RelayResult)` once a tunnel it became ends; `given_back(fd, received, sent, reason, err)`
+    when the client goes back to Python instead (the fd is then the caller's; `reason` is a GB_*
+    value). `loop`: the running loop, when the caller has it at hand."""
+    cdef _Engine eng = _current()
+    cdef _Waiter w = _Waiter()
+    cdef PairHandle handle = PairHandle()
+    cdef int cfd = client
+    w.t0 = time.monotonic()
+    w.loop = loop if loop is not None else asyncio.get_running_loop()
+    w.done, w.request, w.given_back = done, request, given_back
+    user, password = credentials if credentials is not None else (b"", b"")
+    try:
+        if eng is None:
+            raise RelayUnavailable("the compiled relay is not running in this process (start() it first)")
+        eng.watch(w.loop)
+        eng.submit_socks(w, cfd, bytes(user), bytes(password), credentials is not None, float(handshake_timeout),
+                         float(connect_timeout), idle_timeout)
+    except BaseException:
+        if cfd >= 0:
+            reset_close(cfd)
+        raise
     handle.w, handle.eng = w, eng
     return handle
 

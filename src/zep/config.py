@@ -59,6 +59,7 @@ class Settings:
     max_connections: int = 0  # 0: as many as the open-files limit carries (fdlimit)
     max_head_bytes: int = 65536
     fast_path: bool = True  # SOCKS5 and CONNECT on loop callbacks (zep.fastpath); off: the coroutine driver
+    native_socks: bool = True  # SOCKS5 handshakes and direct dials in the compiled engine (zep.nativepath)
     ziti_load_timeout: float = 30.0
     ziti_service_suffix: str = ".ziti"
     log_level: str = "info"
@@ -124,6 +125,7 @@ ENVIRONMENT = {
     "max_connections": "ZEP_MAXCONN",
     "max_head_bytes": "ZEP_MAX_HEAD_BYTES",
     "fast_path": "ZEP_FAST_PATH",
+    "native_socks": "ZEP_NATIVE_SOCKS",
     "ziti_load_timeout": "ZEP_ZITI_LOAD_TIMEOUT",
     "ziti_service_suffix": "ZEP_ZITI_SERVICE_SUFFIX",
     "log_level": "ZEP_LOG_LEVEL",

@@ -81,9 +81,13 @@ class DirectDialer:
     """
 
     HAPPY_EYEBALLS_DELAY = 0.25
+    VERDICTS_KEPT = 4096  # (host, port) pairs whose literal_addresses() answer is remembered
 
     def __init__(self, policy: EgressPolicy | None = None) -> None:
         self.policy = policy
+        # The answer for a destination depends on it and the policy alone, and a pipeline asks
+        # about the same few again and again: parsing and checking them is a per-connection cost.
+        self._verdicts: dict[tuple[str, int], list[tuple[int, tuple]] | DialError | None] = {}
 
     async def dial(self, host: str, port: int, timeout: float) -> Upstream:
         loop = asyncio.get_running_loop()
@@ -108,12 +112,28 @@ class DirectDialer:
 
     def literal_addresses(self, host: str, port: int) -> list[tuple[int, tuple]] | None:
         """The addresses to dial for an IP literal (no resolver needed), None for a name; raises
-        DialError when the policy refuses the destination (a name: before any DNS query)."""
-        if self.policy is not None and (verdict := self.policy.refuse_early(host, port)) is not None:
-            raise DialError(Failure.NOT_ALLOWED, verdict.reason)
-        addresses = _literal_address(host, port)
-        if addresses is not None and self.policy is not None:
-            addresses = _allowed_addresses(self.policy, host, port, addresses)
+        DialError when the policy refuses the destination (a name: before any DNS query). The
+        list returned is shared: not to be changed."""
+        key = (host, port)
+        try:
+            verdict = self._verdicts[key]
+        except KeyError:
+            verdict = self._verdicts[key] = self._literal_verdict(host, port)
+            if len(self._verdicts) > self.VERDICTS_KEPT:
+                del self._verdicts[next(iter(self._verdicts))]  # the oldest
+        if type(verdict) is DialError:
+            raise DialError(verdict.failure, verdict.detail)
+        return verdict
+
+    def _literal_verdict(self, host: str, port: int) -> list[tuple[int, tuple]] | DialError | None:
+        try:
+            if self.policy is not None and (verdict := self.policy.refuse_early(host, port)) is not None:
+                raise DialError(Failure.NOT_ALLOWED, verdict.reason)
+            addresses = _literal_address(host, port)
+            if addresses is not None and self.policy is not None:
+                addresses = _allowed_addresses(self.policy, host, port, addresses)
+        except DialError as exc:
+            return exc
         return addresses
 
 

@@ -89,7 +89,7 @@ class FastConnection:
     __slots__ = (
         "ctx", "exchange", "_loop", "_registry", "_sock", "_fd", "_record", "_logged", "_state", "_reading",
         "_eof", "_sent", "_timer_name", "_deadline", "_timer", "_timer_when", "_drain", "_upstream_sock",
-        "_route", "_early_down", "_dial_task", "_dial_target", "_dial_started", "_relay", "_report",
+        "_route", "_early_down", "_dial_task", "_dial_target", "_dial_started", "_relay", "_report", "_head_start",
     )
 
     def __init__(self, ctx: Context, sock: socket.socket, record: AccessRecord, exchange: Exchange,
@@ -119,6 +119,7 @@ class FastConnection:
         self._dial_started = 0.0
         self._relay: PairHandle | None = None
         self._report: Report | None = None
+        self._head_start = 0.0  # seconds the first armed timer has run already (resume())
 
     # ------------------------------------------------------------------------- what the server calls
 
@@ -131,6 +132,25 @@ class FastConnection:
         self._run(self.exchange.start())
         if self._state is _READING:
             self._readable()  # the greeting is often there already
+
+    def resume(self, commands: list[Command], then: Event | None, *, elapsed: float, sent: int) -> None:
+        """Carry on with a connection whose handshake began elsewhere (zep.nativepath): `commands`
+        are this exchange's so far, `then` what happened next if the exchange still waits for the
+        client, `elapsed` how long ago it was accepted (the http-request deadline counts from
+        then), `sent` the bytes the client was sent already (they count in the entry)."""
+        self._head_start = elapsed
+        self._sent = sent
+        try:
+            self._run(commands)
+        except Exception:
+            return self._internal_error()
+        if self._state is not _READING:
+            return
+        if then is None:
+            self._readable()
+        else:
+            self._eof = type(then) is not TimerFired
+            self._handle(then)
 
     def drain(self) -> None:
         if self._state is _READING and not self._drain:
@@ -177,7 +197,9 @@ class FastConnection:
                 name = command.name
                 if TIMERS[name][0] != "client":
                     return self._hand_over(commands[i:])
-                self._timer_name, self._deadline = name, self._loop.time() + self.ctx.timeouts[name]
+                self._timer_name = name
+                self._deadline = self._loop.time() + self.ctx.timeouts[name] - self._head_start
+                self._head_start = 0.0
             elif kind is Disarm:
                 if self._timer_name == command.name:
                     self._timer_name = None

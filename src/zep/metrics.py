@@ -53,6 +53,10 @@ _ENGINE_FIGURES = {
     "copy_bytes": ("zep_relay_copy_bytes", "Bytes moved with recv/send", True),
     "copy_directions": ("zep_relay_splice_fallbacks",
                         "Directions that fell back to recv/send (splice refused, or no pipe to be had)", True),
+    "socks_native": ("zep_relay_socks_handshakes", "SOCKS5 handshakes the relay engine took from accept", True),
+    "socks_relayed": ("zep_relay_socks_tunnels", "Of those, the ones the engine dialed and relayed itself", True),
+    "socks_given_back": ("zep_relay_socks_given_back",
+                         "Of those, the ones given back to Python (off the engine's path)", True),
 }
 _MODE_SWITCHES = {"small_to_splice": "splice", "splice_to_small": "copy"}
 

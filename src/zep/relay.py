@@ -39,5 +39,7 @@ relay = implementation.relay
 start_pair = implementation.start_pair  # relay() on callbacks (zep.fastpath)
 # The engine's counters (a dict) for the metrics; None for the pure-Python relay, which keeps none.
 stats = getattr(implementation, "stats", None)
+# SOCKS5 handshakes in the engine (zep.nativepath); None for the pure-Python relay.
+start_socks = getattr(implementation, "start_socks", None)
 
-__all__ = ["relay", "start_pair", "start", "ready", "stats", "implementation", "IMPLEMENTATION", "WHY"]
+__all__ = ["relay", "start_pair", "start_socks", "start", "ready", "stats", "implementation", "IMPLEMENTATION", "WHY"]

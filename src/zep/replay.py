@@ -60,16 +60,17 @@ class Recorder(_Wrapper):
 class Replay(_Wrapper):
     """The worker's exchange for a handed-off connection: `inner` (fresh) is fed `received` at
     start, and the first `len(sent)` bytes it sends the client are dropped, once checked to be
-    exactly `sent`; so is its Login (the throttle counted it in the front). Were the bytes not the
-    same (the two processes disagree), the connection is reset rather than the client given a
-    corrupted stream. Afterwards it is the inner exchange itself."""
+    exactly `sent`; so is its Login (the throttle counted it in the front), unless `logins_counted`
+    is false. Were the bytes not the same (the two disagree), the connection is reset rather than
+    the client given a corrupted stream. Afterwards it is the inner exchange itself."""
 
-    __slots__ = ("_received", "_sent")
+    __slots__ = ("_received", "_sent", "_logins_counted")
 
-    def __init__(self, inner: Exchange, received: bytes, sent: bytes) -> None:
+    def __init__(self, inner: Exchange, received: bytes, sent: bytes, *, logins_counted: bool = True) -> None:
         super().__init__(inner)
         self._received = received
         self._sent = memoryview(sent)
+        self._logins_counted = logins_counted  # False: nobody has told the throttle yet (zep.nativepath)
 
     def start(self) -> list[Command]:
         commands = self.inner.start()
@@ -85,7 +86,7 @@ class Replay(_Wrapper):
                 self._sent = sent[n:]
                 if len(data) > n:
                     out.append(SendClient(data[n:]))
-            elif type(command) is not Login:  # the front's throttle has counted that login already
+            elif type(command) is not Login or not self._logins_counted:  # the front's throttle has counted it
                 out.append(command)
         # The front hands off when its exchange asks to dial, after everything it said: the
         # replay, which ends at the same point, has said it all too.

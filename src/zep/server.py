@@ -4,12 +4,15 @@ This is the only place that owns client sockets before a driver takes them: each
 connection gets an exchange for its protocol and either a `FastConnection` (zep.fastpath: loop
 callbacks, no task; the default) or one `Driver` running in one task. A fast connection that
 leaves the common path hands itself over to a driver, which the server then runs in a task.
+With the compiled relay, a SOCKS5 connection goes to the engine first (`NativeSocks`, see
+zep.nativepath), which gives it back to a fast connection when it leaves the engine's path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -23,10 +26,11 @@ from zep.config import ENVIRONMENT, FLAGS, Settings
 from zep.driver import Driver
 from zep.exchange import CLIENT, HTTP_KEEP_ALIVE, HTTP_REQUEST, SERVER, TUNNEL, Command, Exchange, authority
 from zep.fastpath import FastConnection
+from zep.nativepath import NativeSocks, why_not_native
 from zep.outcome import Outcome
-from zep.relay_result import PairHandle, RelayResult
+from zep.relay_result import PairHandle, RelayResult, RelayUnavailable
 from zep.routing import Router
-from zep.throttle import LoginThrottle
+from zep.throttle import LoginThrottle, source_of
 
 log = logging.getLogger("zep.server")
 
@@ -46,6 +50,7 @@ class Context:
     relay_ready: Callable[[], bool] = relay_choice.ready  # checked before a client is told its tunnel is up
     logins: LoginThrottle = field(default_factory=LoginThrottle)
     start_pair: Callable[..., PairHandle] = relay_choice.start_pair  # the fast path's relay
+    start_socks: Callable[..., PairHandle] | None = relay_choice.start_socks  # SOCKS5 in the engine, if compiled
 
     @cached_property
     def timeouts(self) -> dict[str, float]:
@@ -68,6 +73,7 @@ class Listener:
     paused: bool = False  # accepts failed (out of fds) and are retried until the backlog drains
     accepted: int = 0
     driver: DriverFactory = Driver
+    native: bool = False  # SOCKS5 handshakes go to the relay engine (zep.nativepath)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -81,7 +87,7 @@ class ProxyServer:
         self.reuse_port = reuse_port  # worker processes share each port (see bind_socket)
         self.listeners: list[Listener] = []
         self._connections: dict[asyncio.Task[None], Driver] = {}
-        self._fast: set[FastConnection] = set()
+        self._fast: set[FastConnection | NativeSocks] = set()
         self._all_closed: asyncio.Future[None] | None = None  # while draining or shutting down
         self._stopped = False
         self._draining = False
@@ -112,23 +118,30 @@ class ProxyServer:
         self.listeners.append(listener)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_all, listener)
         log.info("listening: %s on %s", proto, format_address(listener.address))
+        if proto == "socks5" and driver is Driver:
+            why = why_not_native(self.ctx, self.ctx.start_socks)
+            listener.native = why is None
+            log.info("socks5 handshakes: %s", "in the relay engine" if why is None else f"in Python: {why}")
         return listener
 
     def _accept_all(self, listener: Listener) -> None:
         # Fast connections start once the backlog is taken, as tasks do: what runs out first when
         # descriptors run out is accept (which pauses), not the dials of the ones accepted.
-        accepted: list[FastConnection] = []
+        accepted: list[Callable[[], None]] = []
         try:
             self._accept_backlog(listener, accepted)
         finally:
-            for fast in accepted:
-                fast.start()
+            for start in accepted:
+                start()
 
-    def _accept_backlog(self, listener: Listener, accepted: list[FastConnection]) -> None:
+    def _accept_backlog(self, listener: Listener, accepted: list[Callable[[], None]]) -> None:
         loop = asyncio.get_running_loop()
+        family = listener.sock.family
         while True:
             try:
-                conn, peer = listener.sock.accept()
+                # The fd alone (what socket.accept() wraps): a connection the engine takes needs no
+                # socket object, and the engine makes it non-blocking and sets TCP_NODELAY itself.
+                fd, peer = listener.sock._accept()
             except (BlockingIOError, InterruptedError):
                 if listener.paused:  # the backlog is empty and there were fds for all of it
                     listener.paused = False
@@ -145,15 +158,23 @@ class ProxyServer:
                 return
             listener.accepted += 1
             if self.open_connections >= self.max_connections:
-                self._refuse(listener, conn, peer)
+                self._refuse(listener, socket.socket(family, socket.SOCK_STREAM, fileno=fd), peer)
                 continue
+            record = AccessRecord(format_address(peer), listener.proto)
+            logins = self.ctx.logins
+            # A source whose answers the throttle delays gets them from the fast path, which delays them.
+            if listener.native and not (logins and logins.delay(source_of(record.client))):
+                native = NativeSocks(self.ctx, record, listener.exchange, self)
+                self._fast.add(native)
+                accepted.append(functools.partial(self._start_native, native, fd, loop))
+                continue
+            conn = socket.socket(family, socket.SOCK_STREAM, fileno=fd)
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            record = AccessRecord(format_address(peer), listener.proto)
             if self.ctx.settings.fast_path and listener.driver is Driver:
                 fast = FastConnection(self.ctx, conn, record, listener.exchange(self.ctx), self)
                 self._fast.add(fast)
-                accepted.append(fast)
+                accepted.append(fast.start)
             else:
                 self.serve_connection(listener.driver(self.ctx, conn, record, listener.exchange(self.ctx)))
 
@@ -176,6 +197,20 @@ class ProxyServer:
     def hand_over(self, conn: FastConnection, driver: Driver, commands: list[Command]) -> None:
         self._fast.discard(conn)
         self.serve_connection(driver, commands)
+
+    def replaced(self, old: NativeSocks, new: FastConnection) -> None:
+        self._fast.discard(old)
+        self._fast.add(new)
+
+    def _start_native(self, native: NativeSocks, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.ctx.start_socks is not None
+        try:
+            native.start(fd, self.ctx.start_socks, loop)
+        except RelayUnavailable as exc:  # the engine stopped: zep's failure (the client was reset)
+            record = native.record
+            record.outcome, record.detail = Outcome.INTERNAL_ERROR, str(exc)
+            record.emit()
+            self.finished(native)
 
     def _closed_one(self) -> None:
         if self._all_closed is not None and not self.open_connections and not self._all_closed.done():

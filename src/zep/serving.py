@@ -214,7 +214,8 @@ async def _serve(settings: Settings, router: Router, job: Job | None, signals: _
     from zep.throttle import FailedLoginDigest, write_digests
 
     credentials = proxy_credentials(settings)
-    server = ProxyServer(Context(settings, router, relay.relay, credentials, relay.ready, start_pair=relay.start_pair),
+    server = ProxyServer(Context(settings, router, relay.relay, credentials, relay.ready, start_pair=relay.start_pair,
+                                 start_socks=relay.start_socks),
                          reuse_port=role.reuse_port)
     digests = asyncio.create_task(write_digests(FailedLoginDigest(server.ctx.logins.holds)))
     metrics = status.metrics

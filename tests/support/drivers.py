@@ -1,4 +1,5 @@
-"""Running one connection in process on either driver: the coroutine `Driver` or the fast path."""
+"""Running one connection in process on any driver: the coroutine `Driver`, the fast path, or (SOCKS5
+with the compiled relay) the relay engine's handshake."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from zep.accesslog import AccessRecord
 from zep.driver import Driver
 from zep.exchange import Command, Exchange
 from zep.fastpath import FastConnection
+from zep.nativepath import NativeSocks
 from zep.server import Context
 
-DRIVERS = ["fast", "coroutine"]
+DRIVERS = ["native", "fast", "coroutine"]
 
 
 class FastRun:
@@ -22,7 +24,7 @@ class FastRun:
 
     def __init__(self) -> None:
         self.closed = asyncio.get_running_loop().create_future()
-        self.conn: FastConnection | None = None
+        self.conn: FastConnection | NativeSocks | None = None
         self.driver: Driver | None = None
         self.driver_task: asyncio.Task[None] | None = None
 
@@ -40,16 +42,19 @@ class FastRun:
         self.driver_task = asyncio.get_running_loop().create_task(driver.run(commands))
         self.driver_task.add_done_callback(lambda _: self.closed.set_result(None))
 
-    async def run(self, conn: FastConnection) -> None:
+    def replaced(self, old: NativeSocks, new: FastConnection) -> None:
+        self.conn = new
+
+    async def run(self, conn: FastConnection | NativeSocks, start: Callable[[], None]) -> None:
         self.conn = conn
-        conn.start()
+        start()
         try:
             await asyncio.shield(self.closed)
         except asyncio.CancelledError:
             if self.driver_task is not None:
                 self.driver_task.cancel()
             else:
-                conn.cancel()
+                self.conn.cancel()
             await self.closed
             raise
         if self.driver_task is not None:
@@ -63,13 +68,21 @@ class Running:
 
 
 def start(driver: str, ctx: Context, sock: socket.socket, kind: str, exchange: Exchange) -> Running:
-    """Drive `exchange` on `sock` with the driver named ("fast" or "coroutine")."""
+    """Drive `exchange` on `sock` with the driver named (one of DRIVERS; "native" for SOCKS5 only,
+    where `exchange` is what the engine gives the connection back to, if it does)."""
     loop, record = asyncio.get_running_loop(), AccessRecord("test", kind)
     if driver == "coroutine":
         coroutine = Driver(ctx, sock, record, exchange)
         return Running(loop.create_task(coroutine.run()), coroutine.drain)
-    fast = FastRun()
-    return Running(loop.create_task(fast.run(FastConnection(ctx, sock, record, exchange, fast))), fast.drain)
+    run = FastRun()
+    if driver == "native":
+        assert ctx.start_socks is not None, "the native driver needs the compiled relay"
+        native = NativeSocks(ctx, record, lambda _ctx: exchange, run)
+        task = loop.create_task(run.run(native, lambda: native.start(sock.detach(), ctx.start_socks, loop)))
+    else:
+        fast = FastConnection(ctx, sock, record, exchange, run)
+        task = loop.create_task(run.run(fast, fast.start))
+    return Running(task, run.drain)
 
 
 async def read_until_closed(sock: socket.socket, limit: float = 5) -> bytes:

@@ -81,8 +81,19 @@ class ZepProcess:
         return self.proc.wait(timeout)
 
 
+# Who runs SOCKS5 and HTTP CONNECT connections: the relay engine (SOCKS5 only, with the compiled
+# relay; the fast path carries what it gives back), loop callbacks, or a coroutine per connection.
+DRIVER_ENVIRONMENT = {
+    "native": {"ZEP_FAST_PATH": "on", "ZEP_NATIVE_SOCKS": "on"},
+    "fast": {"ZEP_FAST_PATH": "on", "ZEP_NATIVE_SOCKS": "off"},
+    "coroutine": {"ZEP_FAST_PATH": "off"},
+}
+DRIVER_LOG = {"native": "socks5 handshakes: in the relay engine", "fast": "socks5 handshakes: in Python",
+              "coroutine": "socks5 handshakes: in Python"}
+
+
 def zep_env(env: Mapping[str, str] | None = None, relay: str | None = None,
-            extra_pythonpath: Sequence[str] = (), fast_path: bool | None = None) -> dict[str, str]:
+            extra_pythonpath: Sequence[str] = (), driver: str | None = None) -> dict[str, str]:
     """The environment a zep subprocess runs with: no proxy variables leak in, no auth unless asked."""
     base = {k: v for k, v in os.environ.items()
             if k.upper() not in {"ALL_PROXY", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ZITI_IDENTITIES", "ZITI_IDENTITY"}
@@ -90,8 +101,8 @@ def zep_env(env: Mapping[str, str] | None = None, relay: str | None = None,
     base.update(PROXY_USERNAME="", PROXY_PASSWORD="")
     if relay == "python":
         base["ZEP_NO_EXTENSIONS"] = "1"
-    if fast_path is not None:
-        base["ZEP_FAST_PATH"] = "on" if fast_path else "off"
+    if driver is not None:
+        base.update(DRIVER_ENVIRONMENT[driver])
     if extra_pythonpath:
         base["PYTHONPATH"] = os.pathsep.join([*extra_pythonpath, base.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     base.update(env or {})
@@ -103,12 +114,13 @@ def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | Non
               extra_pythonpath: Sequence[str] = (), default_args: bool = True,
               python: str = sys.executable, ready_path: Path | None = None,
               preexec_fn: Callable[[], None] | None = None, wait_ready: bool = True,
-              fast_path: bool | None = None) -> Iterator[ZepProcess]:
+              driver: str | None = None) -> Iterator[ZepProcess]:
     """Start `python -m zep serve` and wait until it is listening (its ready file); stop it on exit.
 
     `python` may name another environment's interpreter (the benchmarks' baseline build);
     `preexec_fn` runs in the child before zep starts (to lower a resource limit, say). With
-    `wait_ready=False` the caller watches it start and calls `wait_ready()` itself."""
+    `wait_ready=False` the caller watches it start and calls `wait_ready()` itself. `driver`
+    (one of DRIVER_ENVIRONMENT) says who runs SOCKS5 and CONNECT; zep is checked to say so."""
     with tempfile.TemporaryDirectory(prefix="zep-test-") as tmp:
         ready = ready_path or Path(tmp, "ready.json")
         log_path = Path(tmp, "zep.log")
@@ -117,13 +129,15 @@ def start_zep(*args: str, env: Mapping[str, str] | None = None, relay: str | Non
             command += ["--host", "127.0.0.1", "--socks-port", "0", "--http-port", "0"]
         command += [*args, "--ready-file", str(ready)]
         with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(command, env=zep_env(env, relay, extra_pythonpath, fast_path),
+            proc = subprocess.Popen(command, env=zep_env(env, relay, extra_pythonpath, driver),
                                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     preexec_fn=preexec_fn)
         zp = ZepProcess(proc, log_path, ready)
         try:
             if wait_ready:
                 zp.wait_ready()
+                if driver is not None and "--no-socks" not in args:
+                    zp.wait_for_log(DRIVER_LOG[driver])
             yield zp
         finally:
             terminate(proc)

@@ -1,8 +1,8 @@
 # C declarations of the compiled relay engine (Linux only) that Cython's own `libc` and `posix`
-# packages lack: splice and pipe sizes, sockets, epoll, eventfd and pthreads. Everything else
+# packages lack: splice and pipe sizes, sockets and their addresses, epoll, eventfd and pthreads. Everything else
 # (errno, close/read/write, fcntl, clocks, signal sets) is cimported from those packages.
 
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from posix.types cimport sigset_t
 
 
@@ -29,14 +29,52 @@ cdef extern from "<sys/socket.h>" nogil:
         SHUT_WR
         MSG_NOSIGNAL
         MSG_DONTWAIT
+        AF_INET
+        AF_INET6
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
     struct linger:
         int l_onoff
         int l_linger
+    ctypedef unsigned short sa_family_t
+    struct sockaddr:
+        sa_family_t sa_family
+    struct sockaddr_storage:
+        sa_family_t ss_family
+    int socket(int domain, int type, int protocol)
+    int connect(int sockfd, const sockaddr *addr, socklen_t addrlen)
+    int getsockname(int sockfd, sockaddr *addr, socklen_t *addrlen)
     ssize_t recv(int sockfd, void *buf, size_t len, int flags)
     ssize_t send(int sockfd, const void *buf, size_t len, int flags)
     int shutdown(int sockfd, int how)
     int getsockopt(int sockfd, int level, int optname, void *optval, socklen_t *optlen)
     int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in_addr:
+        uint32_t s_addr
+    struct sockaddr_in:
+        sa_family_t sin_family
+        uint16_t sin_port
+        in_addr sin_addr
+    struct in6_addr:
+        unsigned char s6_addr[16]
+    struct sockaddr_in6:
+        sa_family_t sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+    enum:
+        IPPROTO_TCP
+    uint16_t htons(uint16_t hostshort)
+
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
 
 
 cdef extern from "<sys/epoll.h>" nogil:
