@@ -196,6 +196,16 @@ def targets(workloads: dict[str, dict]) -> list[Target]:
             add(key, "proxy CPU per connection <= 1.0 x microsocks",
                 ratio(info, CYTHON, "cpu_us_per_conn", MICROSOCKS), 1.0, False,
                 f"{fmt(cc, '{:.0f}')} vs {fmt(cm, '{:.0f}')} us/conn")
+    shared, pinned = workloads.get("4-connection-rate"), workloads.get("4-connection-rate-pinned")
+    if shared and pinned:
+        # Two workers cannot have two cores to themselves on a two-core machine (the load generator
+        # needs one): their capacity is what two cores of proxy CPU buy at the CPU per connection
+        # they spent with all CPUs shared, beside what one worker did with a core to itself.
+        cpu2, one = metric(shared, CYTHON_2, "cpu_us_per_conn"), metric(pinned, CYTHON, "conn_per_s")
+        capacity = 2e6 / cpu2 if cpu2 else None
+        add("4-connection-rate", "2 workers: conn/s of 2 cores (2 s / CPU per conn) >= 1.5 x 1 worker pinned",
+            capacity / one if capacity and one else None, 1.5, True,
+            f"{fmt(capacity, '{:,.0f}')} (2 s / {fmt(cpu2, '{:.0f}')} us) vs {fmt(one, '{:,.0f}')} conn/s")
     info = workloads.get("5-idle-tunnels")
     if info:
         n = metric(info, CYTHON, "tunnels")

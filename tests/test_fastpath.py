@@ -16,7 +16,7 @@ import pytest
 import uvloop
 
 from zep import accesslog
-from zep.accesslog import AccessEntry
+from zep.accesslog import AccessEntry, AccessRecord
 from zep.auth import Credentials
 from zep.config import Settings
 from zep.dial import DirectDialer
@@ -417,3 +417,51 @@ def test_a_handshake_sent_a_byte_at_a_time_ends_the_same_on_every_driver(data):
     ctx = lambda: context(credentials=CREDENTIALS if data[2] == 2 and data[1] == 1 else None)  # noqa: E731
     exchange = lambda: Socks5Exchange(CREDENTIALS if data[2] == 2 and data[1] == 1 else None)  # noqa: E731
     assert_same(run_each(dripping(data, sends(b"")), "socks5", exchange, ctx))
+
+
+@needs_engine
+def test_a_destination_routed_direct_once_is_dialed_again_without_asking():
+    """The second connection to a destination routed direct (reachable or not) never reaches
+    Python before it ends, and its entry is the same; a refused destination is asked about every
+    time."""
+    from tests.support.drivers import FastRun
+    from zep.nativepath import EngineFront, NativeSocks
+
+    async def one(ctx: Context, front: EngineFront, client: Client) -> Seen:
+        entries: list[AccessEntry] = []
+        accesslog.subscribe(entries.append)
+        try:
+            ours, theirs = socket.socketpair()
+            ours.setblocking(False)
+            run = FastRun()
+            loop = asyncio.get_running_loop()
+            native = NativeSocks(ctx, front, AccessRecord("test", "socks5"), lambda _ctx: socks(), run)
+            task = loop.create_task(run.run(native, lambda: native.start(theirs.detach(), loop)))
+            received = await client(ours, Running(task, run.drain))
+            ours.close()
+            await asyncio.wait_for(task, 5)
+        finally:
+            accesslog.unsubscribe(entries.append)
+        return Seen(received, [comparable(e) for e in entries])
+
+    async def main(targets: list[tuple[str, int]]) -> list[tuple[Seen, int]]:
+        ctx = context(EgressPolicy.parse(["deny 127.0.0.3/32"]))
+        front = EngineFront.of(ctx, relay.start_socks, relay.Verdicts())
+        seen = []
+        for host, port in targets:
+            before = relay.stats()["socks_remembered"]
+            client = (tunnel_client(HELLO + socks_connect(host, port), 12, b"ping") if port == echo
+                      else sends(HELLO + socks_connect(host, port)))
+            seen.append((await one(ctx, front, client), relay.stats()["socks_remembered"] - before))
+        return seen
+
+    closed = closed_port()
+    with echo_upstream() as echo:
+        runs = uvloop.run(asyncio.wait_for(main([("127.0.0.1", echo)] * 2 + [("127.0.0.1", closed)] * 2
+                                                + [("127.0.0.3", 80)] * 2), 30))
+    assert [remembered for _seen, remembered in runs] == [0, 1, 0, 1, 0, 0]
+    (ok, ok_again), (failed, failed_again), (denied, denied_again) = [
+        (runs[i][0], runs[i + 1][0]) for i in (0, 2, 4)]
+    assert ok == ok_again and ok.entries[0][1:3] == (f"127.0.0.1:{echo}", "direct") and ok.entries[0][6].label == "ok"
+    assert failed == failed_again and failed.entries[0][6].label == "dial-failed"
+    assert denied == denied_again and denied.entries[0][6].label == "denied"

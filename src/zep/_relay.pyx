@@ -50,7 +50,7 @@ from zep.includes cimport system as c
 
 from zep.relay_result import RelayCancelled, RelayEnd, RelayResult, RelayUnavailable
 
-__all__ = ["relay", "start_pair", "start_socks", "start", "ready", "stop", "stats"]
+__all__ = ["relay", "start_pair", "start_socks", "Verdicts", "start", "ready", "stop", "stats"]
 
 
 # -- engine data (plain C) ---------------------------------------------------------
@@ -167,6 +167,15 @@ cdef enum:
     STEP_GREETING = 0
     STEP_LOGIN = 1
     STEP_REQUEST = 2
+    VERDICTS = 512        # destinations remembered as routed direct (a power of two)
+
+
+cdef struct Verdict:
+    # A destination Python routed direct: the engine connects to it again without asking. The
+    # answer depends on the destination and the router alone (one table per router: Verdicts).
+    int atyp              # 0: an empty slot
+    int port
+    unsigned char addr[16]
 
 
 cdef struct Pair:
@@ -184,6 +193,11 @@ cdef struct Pair:
     Socks *hs             # the native handshake (NULL for other pairs, and once relaying)
     int64_t deadline_ms   # PH_SOCKS / PH_CONNECT: when it times out
     int64_t dial_ns       # how long the native connect took
+    Verdict *verdicts     # the caller's (Verdicts), engine thread only; NULL: remember nothing
+    bint remembered       # connected on a remembered verdict: Python learns the target at the end
+    int target_atyp       # the request's destination, kept for the end
+    int target_port
+    unsigned char target[16]
     # shared with the Python side, under the engine mutex
     int refs
     bint posted           # on the completion queue (the engine is done with it)
@@ -195,6 +209,7 @@ cdef struct Pair:
     Pair *rq_next         # on the request queue (to Python)
     Pair *dq_next         # on the decision queue (from Python)
     bint connect          # the decision: connect (else give back)
+    bint remember         # ... and connect to this destination again without asking
     # engine thread only
     Pair *act_prev
     Pair *act_next
@@ -219,6 +234,7 @@ cdef struct Stats:
     uint64_t socks_native     # handshakes taken natively
     uint64_t socks_relayed    # ... that became tunnels without Python's exchange
     uint64_t socks_given_back
+    uint64_t socks_remembered # ... dialed without asking Python (a remembered destination)
 
 
 cdef struct Engine:
@@ -871,8 +887,42 @@ cdef void socks_parse(Engine *e, Pair *p) noexcept nogil:
                 return
             s.request_end = s.pos + 6 + alen
             p.phase = PH_DECIDE
-            post_request(e, p)
+            if p.verdicts != NULL and remembered(p.verdicts, s):
+                p.remembered = True
+                e.st.socks_remembered += 1
+                socks_connect(e, p)
+            else:
+                post_request(e, p)
             return
+
+
+cdef Verdict *verdict_slot(Verdict *table, int atyp, const unsigned char *addr, int port) noexcept nogil:
+    cdef uint32_t h = 2166136261u   # FNV-1a over the address and the port
+    cdef int i
+    for i in range(4 if atyp == 1 else 16):
+        h = (h ^ addr[i]) * 16777619u
+    h = (h ^ <uint32_t>port) * 16777619u
+    return &table[h & (VERDICTS - 1)]
+
+
+cdef bint remembered(Verdict *table, Socks *s) noexcept nogil:
+    """A destination Python routed direct before: dial it as then (same family and address)."""
+    cdef Verdict *v = verdict_slot(table, s.atyp, s.addr, s.port)
+    cdef int alen = 4 if s.atyp == 1 else 16
+    if v.atyp != s.atyp or v.port != s.port or not same_bytes(v.addr, alen, s.addr, alen):
+        return False
+    s.family = c.AF_INET if s.atyp == 1 else c.AF_INET6
+    memcpy(s.dial_addr, s.addr, alen)
+    s.dial_port = s.port
+    s.scope_id = 0
+    return True
+
+
+cdef void remember(Verdict *table, Socks *s) noexcept nogil:
+    cdef Verdict *v = verdict_slot(table, s.atyp, s.addr, s.port)
+    v.atyp = s.atyp
+    v.port = s.port
+    memcpy(v.addr, s.addr, 16)
 
 
 cdef void post_request(Engine *e, Pair *p) noexcept nogil:
@@ -915,6 +965,9 @@ cdef void socks_connect(Engine *e, Pair *p) noexcept nogil:
         memcpy(&sin6.sin6_addr, s.dial_addr, 16)
         sin6.sin6_scope_id = s.scope_id
         sa, salen = <c.sockaddr *>&sin6, sizeof(sin6)
+    p.target_atyp = s.atyp
+    p.target_port = s.port
+    memcpy(p.target, s.addr, 16)
     s.dial_started_ns = now_ns()
     fd = c.socket(s.family, c.SOCK_STREAM | c.SOCK_NONBLOCK | c.SOCK_CLOEXEC, 0)
     if fd < 0:
@@ -1062,6 +1115,8 @@ cdef bint take_commands(Engine *e, uint64_t *stats_asked) noexcept nogil:
         p, decided = decided, decided.dq_next
         if p.ended == RUNNING and p.phase == PH_DECIDE:
             if p.connect:
+                if p.remember and p.verdicts != NULL:
+                    remember(p.verdicts, p.hs)
                 socks_connect(e, p)
             else:
                 give_back(e, p, GB_PYTHON, 0)
@@ -1214,6 +1269,22 @@ cdef class _Waiter:
     cdef object given_back
     cdef bint decided
     cdef double dial_seconds
+    cdef object target
+    cdef Verdicts verdicts   # kept alive while the engine may use its table
+
+
+cdef class Verdicts:
+    """The destinations one router sent direct, for start_socks(): the engine dials them again
+    without asking. Its table lives as long as this object, which every pair using it keeps."""
+    cdef Verdict *table
+
+    def __cinit__(self):
+        self.table = <Verdict *>calloc(VERDICTS, sizeof(Verdict))
+        if self.table == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.table)
 
 
 cdef class PairHandle:
@@ -1228,28 +1299,41 @@ cdef class PairHandle:
             w.cancelled = True
             self.eng.cancel(w.ptr)
 
-    def connect(self, int family, bytes address, int port, int scope_id=0):
+    def connect(self, int family, bytes address, int port, int scope_id=0, *, remember=False):
         """start_socks(): the answer to `request`: connect to this address (4 or 16 packed
-        bytes), then reply and relay."""
+        bytes), then reply and relay. `remember`: later requests for the same destination are
+        dialed the same way without asking (`request` is not called for them)."""
         if family not in (socket.AF_INET, socket.AF_INET6) or len(address) != (4 if family == socket.AF_INET else 16):
             raise ValueError(f"not an address of family {family}: {address!r}")
-        self._decide(True, family, address, port, scope_id)
+        self._decide(True, family, address, port, scope_id, remember)
 
     def give_back(self):
         """start_socks(): the other answer to `request`: the client goes back to Python."""
-        self._decide(False, 0, b"", 0, 0)
+        self._decide(False, 0, b"", 0, 0, False)
 
-    cdef _decide(self, bint connect, int family, bytes address, int port, int scope_id):
+    cdef _decide(self, bint connect, int family, bytes address, int port, int scope_id, bint remember):
         w = self.w
         if w.decided:
             raise RuntimeError("this request was answered already")
         w.decided = True
-        self.eng.decide(w.ptr, connect, family, address, port, scope_id)
+        self.eng.decide(w.ptr, connect, family, address, port, scope_id, remember)
 
     @property
     def dial_seconds(self):
         """How long the engine's connect took (start_socks(), once relaying)."""
         return self.w.dial_seconds
+
+    @property
+    def target(self):
+        """(atyp, packed address, port) of a request the engine dialed without asking (a
+        remembered destination), once it ended; else None."""
+        return self.w.target
+
+    @property
+    def relaying(self):
+        """The pair is past its handshake and still running (a gauge: it may be a moment old)."""
+        w = self.w
+        return w.result is None and (<Pair *>w.ptr).phase == PH_RELAY
 
 
 cdef class _Engine:
@@ -1391,7 +1475,7 @@ cdef class _Engine:
             self._signal()
 
     cdef submit_socks(self, _Waiter w, int cfd, bytes user, bytes password, bint login, double timeout,
-                      double connect_timeout, object idle_timeout):
+                      double connect_timeout, object idle_timeout, Verdicts verdicts):
         """Queue a client for a native SOCKS5 handshake (see start_socks)."""
         cdef Pair *p
         cdef Socks *s
@@ -1408,6 +1492,9 @@ cdef class _Engine:
             raise MemoryError()
         p.hs = s
         p.phase = PH_SOCKS
+        if verdicts is not None:
+            w.verdicts = verdicts
+            p.verdicts = verdicts.table
         p.fd[CLIENT] = cfd
         p.fd[UPSTREAM] = -1
         p.stream[CLIENT] = True
@@ -1439,7 +1526,7 @@ cdef class _Engine:
             self._signal()
 
     cdef void decide(self, uintptr_t ptr, bint connect, int family, bytes address, int port,
-                     int scope_id) noexcept:
+                     int scope_id, bint remember) noexcept:
         cdef Pair *p = <Pair *>ptr
         cdef bint wake
         cdef const char *packed = address
@@ -1449,6 +1536,7 @@ cdef class _Engine:
             if not p.posted:
                 # the engine does not touch hs while the request is Python's (PH_DECIDE)
                 p.connect = connect
+                p.remember = remember
                 if connect:
                     p.hs.family = family
                     memcpy(p.hs.dial_addr, packed, 16 if family == c.AF_INET6 else 4)
@@ -1493,22 +1581,31 @@ cdef class _Engine:
             if p.ended == END_GIVEN_BACK:
                 s = p.hs
                 given = (s.client_fd, (<char *>s.buf)[:s.len], (<char *>s.sent)[:s.sent_len], s.reason, s.err)
+            target = None
+            if p.remembered:
+                target = (p.target_atyp, (<char *>p.target)[:4 if p.target_atyp == 1 else 16], p.target_port)
             done.append((<uintptr_t>p, p.d[0].bytes, p.d[1].bytes, p.ended, p.err, p.d[1].shut,
-                         p.dial_ns, given))
+                         p.dial_ns, given, target))
             p = nxt
         for ptr, atyp, address, port in requests:
             w = <_Waiter>self.waiting[ptr]
             _invoke(running, w.loop, w.request, (atyp, address, port))
-        for ptr, up, down, ended, err, down_shut, dial_ns, given in done:
+        for ptr, up, down, ended, err, down_shut, dial_ns, given, target in done:
             w = <_Waiter>self.waiting.pop(ptr)
             w.result = (up, down, ended, err, down_shut)
             w.dial_seconds = dial_ns / 1e9
+            w.target = target
+            # The callbacks are bound methods of the caller, which holds the handle, which holds this
+            # waiter: dropping them ends the cycle here rather than in the garbage collector.
+            w.request = None
             if given is not None:
                 self.release(ptr)
                 w.done = None
-                _invoke(running, w.loop, w.given_back, given)
+                given_back, w.given_back = w.given_back, None
+                _invoke(running, w.loop, given_back, given)
             elif w.done is not None:
                 self.release(ptr)
+                w.given_back = None
                 _call_done(w, running)
             else:
                 _wake(w, running)
@@ -1628,6 +1725,7 @@ cdef class _Engine:
             "socks_native": s.socks_native,
             "socks_relayed": s.socks_relayed,
             "socks_given_back": s.socks_given_back,
+            "socks_remembered": s.socks_remembered,
         }
 
 
@@ -1739,7 +1837,7 @@ def start_pair(client, upstream, *, to_upstream=b"", to_client=b"", idle_timeout
 
 
 def start_socks(int client, *, credentials=None, handshake_timeout, connect_timeout, idle_timeout, request, done,
-                given_back, loop=None):
+                given_back, Verdicts verdicts=None, loop=None):
     """Run a SOCKS5 client's handshake in the engine (see the module's docstring). `client` is the
     accepted socket's fd, the engine's from now on (it makes it non-blocking, sets TCP_NODELAY).
 
@@ -1748,7 +1846,9 @@ def start_socks(int client, *, credentials=None, handshake_timeout, connect_time
     or 4, the packed address); it must answer with `handle.connect(...)` or `handle.give_back()`.
     `done(RelayResult)` once a tunnel it became ends; `given_back(fd, received, sent, reason, err)`
     when the client goes back to Python instead (the fd is then the caller's; `reason` is a GB_*
-    value). `loop`: the running loop, when the caller has it at hand."""
+    value). Raises RelayUnavailable, leaving `client` to the caller, when the engine is not running.
+    `verdicts`: where remembered destinations are kept (see PairHandle.connect), one per
+    router. `loop`: the running loop, when the caller has it at hand."""
     cdef _Engine eng = _current()
     cdef _Waiter w = _Waiter()
     cdef PairHandle handle = PairHandle()
@@ -1757,12 +1857,12 @@ def start_socks(int client, *, credentials=None, handshake_timeout, connect_time
     w.loop = loop if loop is not None else asyncio.get_running_loop()
     w.done, w.request, w.given_back = done, request, given_back
     user, password = credentials if credentials is not None else (b"", b"")
+    if eng is None:  # the fd stays the caller's
+        raise RelayUnavailable("the compiled relay is not running in this process (start() it first)")
     try:
-        if eng is None:
-            raise RelayUnavailable("the compiled relay is not running in this process (start() it first)")
         eng.watch(w.loop)
         eng.submit_socks(w, cfd, bytes(user), bytes(password), credentials is not None, float(handshake_timeout),
-                         float(connect_timeout), idle_timeout)
+                         float(connect_timeout), idle_timeout, verdicts)
     except BaseException:
         if cfd >= 0:
             reset_close(cfd)

@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from zep.accesslog import AccessRecord
@@ -88,15 +89,35 @@ def utf8(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape")
 
 
+@dataclass(frozen=True)
+class EngineFront:
+    """What every connection of one listener gives the engine, worked out once."""
+
+    start_socks: Callable[..., PairHandle]
+    verdicts: object  # zep._relay.Verdicts: the destinations this router sent direct
+    credentials: tuple[bytes, bytes] | None
+    handshake_timeout: float
+    connect_timeout: float
+    idle_timeout: float
+
+    @classmethod
+    def of(cls, ctx: Context, start_socks: Callable[..., PairHandle], verdicts: object) -> EngineFront:
+        credentials = ctx.credentials
+        return cls(start_socks, verdicts,
+                   None if credentials is None else (utf8(credentials.username), utf8(credentials.password)),
+                   ctx.timeouts[HTTP_REQUEST], ctx.router.connect_timeout, ctx.timeouts[TUNNEL])
+
+
 class NativeSocks:
     """One SOCKS5 connection the engine has; `registry` is told when it ends or is replaced."""
 
-    __slots__ = ("ctx", "_new_exchange", "_registry", "record", "_handle", "_host", "_port", "_asked_to_connect",
-                 "_refused")
+    __slots__ = ("ctx", "_front", "_new_exchange", "_registry", "record", "_handle", "_host", "_port",
+                 "_asked_to_connect", "_refused")
 
-    def __init__(self, ctx: Context, record: AccessRecord, new_exchange: Callable[[Context], Exchange],
-                 registry: NativeRegistry) -> None:
+    def __init__(self, ctx: Context, front: EngineFront, record: AccessRecord,
+                 new_exchange: Callable[[Context], Exchange], registry: NativeRegistry) -> None:
         self.ctx = ctx
+        self._front = front
         self._new_exchange = new_exchange
         self._registry = registry
         self.record = record
@@ -108,18 +129,16 @@ class NativeSocks:
 
     @property
     def relaying(self) -> bool:
-        """Connecting or relaying (the engine does not say when one becomes the other)."""
-        return self._asked_to_connect
+        """Past the handshake: a tunnel (for the metrics)."""
+        return self._handle is not None and self._handle.relaying
 
-    def start(self, fd: int, start_socks: Callable[..., PairHandle], loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
         """Give the accepted client (its fd, owned by the engine from now on) to the engine."""
-        ctx = self.ctx
-        credentials = ctx.credentials
-        self._handle = start_socks(
-            fd, credentials=None if credentials is None else (utf8(credentials.username), utf8(credentials.password)),
-            handshake_timeout=ctx.timeouts[HTTP_REQUEST], connect_timeout=ctx.router.connect_timeout,
-            idle_timeout=ctx.timeouts[TUNNEL], request=self._route, done=self._relayed, given_back=self._given_back,
-            loop=loop)
+        front = self._front
+        self._handle = front.start_socks(
+            fd, credentials=front.credentials, handshake_timeout=front.handshake_timeout,
+            connect_timeout=front.connect_timeout, idle_timeout=front.idle_timeout, request=self._route,
+            done=self._relayed, given_back=self._given_back, verdicts=front.verdicts, loop=loop)
 
     def drain(self) -> None:
         """Nothing to do: a SOCKS5 handshake in progress may still finish within the drain timeout."""
@@ -137,9 +156,7 @@ class NativeSocks:
         handle = self._handle
         assert handle is not None
         connect = False
-        logins = self.ctx.logins
-        if logins and self.ctx.credentials is not None:  # the engine took a login: it forgives earlier failures
-            logins.record(source_of(self.record.client), True)
+        self._logged_in()
         try:
             family = FAMILIES[atyp]
             host = socket.inet_ntop(family, address)
@@ -147,7 +164,9 @@ class NativeSocks:
             connect = self._direct_and_allowed(host, port)
             if connect:
                 self._asked_to_connect = True
-                handle.connect(family, address, port)
+                # The engine dials this destination again without asking: the answer depends on
+                # it and zep's settings alone (a connect audit hook hears of the first dial only).
+                handle.connect(family, address, port, remember=True)
         except Exception:
             log.exception("routing a native SOCKS5 request failed; the fast path takes it")
             self._asked_to_connect = connect = False
@@ -168,12 +187,31 @@ class NativeSocks:
             return False
         return bool(addresses)
 
+    def _logged_in(self) -> None:
+        """The engine took a login (if one is asked for): that forgives the source's earlier failures."""
+        logins = self.ctx.logins
+        if logins and self.ctx.credentials is not None:
+            logins.record(source_of(self.record.client), True)
+
+    def _dialed_unasked(self) -> bool:
+        """The engine dialed a destination it remembered: what the request was, learnt at the end."""
+        assert self._handle is not None
+        target = self._handle.target
+        if target is None:
+            return False
+        atyp, address, self._port = target
+        self._host = socket.inet_ntop(FAMILIES[atyp], address)
+        self._asked_to_connect = True
+        return True
+
     def _relayed(self, result: RelayResult) -> None:
         record = self.record
         record.up, record.down = result.bytes_up, result.bytes_down
         assert self._handle is not None
         record.dial_seconds += self._handle.dial_seconds
         try:
+            if self._dialed_unasked():
+                self._logged_in()
             if self._asked_to_connect:
                 credentials = self.ctx.credentials
                 report = Report(Outcome.OK, authority(self._host, self._port), ROUTE,
@@ -195,6 +233,7 @@ class NativeSocks:
         assert self._handle is not None
         record = self.record
         record.dial_seconds += self._handle.dial_seconds
+        self._dialed_unasked()  # the replay's login tells the throttle itself
         try:
             sock = socket.socket(fileno=fd)
         except OSError:

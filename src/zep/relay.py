@@ -41,5 +41,6 @@ start_pair = implementation.start_pair  # relay() on callbacks (zep.fastpath)
 stats = getattr(implementation, "stats", None)
 # SOCKS5 handshakes in the engine (zep.nativepath); None for the pure-Python relay.
 start_socks = getattr(implementation, "start_socks", None)
+Verdicts = getattr(implementation, "Verdicts", None)  # what start_socks() remembers, one per router
 
-__all__ = ["relay", "start_pair", "start_socks", "start", "ready", "stats", "implementation", "IMPLEMENTATION", "WHY"]
+__all__ = ["relay", "start_pair", "start_socks", "Verdicts", "start", "ready", "stats", "implementation", "IMPLEMENTATION", "WHY"]

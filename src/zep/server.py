@@ -26,7 +26,7 @@ from zep.config import ENVIRONMENT, FLAGS, Settings
 from zep.driver import Driver
 from zep.exchange import CLIENT, HTTP_KEEP_ALIVE, HTTP_REQUEST, SERVER, TUNNEL, Command, Exchange, authority
 from zep.fastpath import FastConnection
-from zep.nativepath import NativeSocks, why_not_native
+from zep.nativepath import EngineFront, NativeSocks, why_not_native
 from zep.outcome import Outcome
 from zep.relay_result import PairHandle, RelayResult, RelayUnavailable
 from zep.routing import Router
@@ -73,7 +73,7 @@ class Listener:
     paused: bool = False  # accepts failed (out of fds) and are retried until the backlog drains
     accepted: int = 0
     driver: DriverFactory = Driver
-    native: bool = False  # SOCKS5 handshakes go to the relay engine (zep.nativepath)
+    engine: EngineFront | None = None  # SOCKS5 handshakes go to the relay engine (zep.nativepath)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -120,7 +120,9 @@ class ProxyServer:
         log.info("listening: %s on %s", proto, format_address(listener.address))
         if proto == "socks5" and driver is Driver:
             why = why_not_native(self.ctx, self.ctx.start_socks)
-            listener.native = why is None
+            if why is None:
+                assert self.ctx.start_socks is not None and relay_choice.Verdicts is not None
+                listener.engine = EngineFront.of(self.ctx, self.ctx.start_socks, relay_choice.Verdicts())
             log.info("socks5 handshakes: %s", "in the relay engine" if why is None else f"in Python: {why}")
         return listener
 
@@ -163,14 +165,12 @@ class ProxyServer:
             record = AccessRecord(format_address(peer), listener.proto)
             logins = self.ctx.logins
             # A source whose answers the throttle delays gets them from the fast path, which delays them.
-            if listener.native and not (logins and logins.delay(source_of(record.client))):
-                native = NativeSocks(self.ctx, record, listener.exchange, self)
+            if listener.engine is not None and not (logins and logins.delay(source_of(record.client))):
+                native = NativeSocks(self.ctx, listener.engine, record, listener.exchange, self)
                 self._fast.add(native)
-                accepted.append(functools.partial(self._start_native, native, fd, loop))
+                accepted.append(functools.partial(self._start_native, native, fd, loop, listener))
                 continue
-            conn = socket.socket(family, socket.SOCK_STREAM, fileno=fd)
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = client_socket(family, fd)
             if self.ctx.settings.fast_path and listener.driver is Driver:
                 fast = FastConnection(self.ctx, conn, record, listener.exchange(self.ctx), self)
                 self._fast.add(fast)
@@ -202,15 +202,14 @@ class ProxyServer:
         self._fast.discard(old)
         self._fast.add(new)
 
-    def _start_native(self, native: NativeSocks, fd: int, loop: asyncio.AbstractEventLoop) -> None:
-        assert self.ctx.start_socks is not None
+    def _start_native(self, native: NativeSocks, fd: int, loop: asyncio.AbstractEventLoop, listener: Listener) -> None:
         try:
-            native.start(fd, self.ctx.start_socks, loop)
-        except RelayUnavailable as exc:  # the engine stopped: zep's failure (the client was reset)
-            record = native.record
-            record.outcome, record.detail = Outcome.INTERNAL_ERROR, str(exc)
-            record.emit()
-            self.finished(native)
+            native.start(fd, loop)
+        except RelayUnavailable:  # the engine is not running: the fast path tells the client, as without it
+            fast = FastConnection(self.ctx, client_socket(listener.sock.family, fd), native.record,
+                                  listener.exchange(self.ctx), self)
+            self.replaced(native, fast)
+            fast.start()
 
     def _closed_one(self) -> None:
         if self._all_closed is not None and not self.open_connections and not self._all_closed.done():
@@ -316,6 +315,14 @@ def bind_socket(host: str, port: int, setting: str, *, reuse_port: bool = False,
                       "or to 0 for any free one")
         raise OSError(exc.errno, f"cannot listen on {format_address(address)}: {reason}") from None
     return sock
+
+
+def client_socket(family: int, fd: int) -> socket.socket:
+    """The socket object of an accepted connection, as zep serves it: non-blocking, TCP_NODELAY."""
+    conn = socket.socket(family, socket.SOCK_STREAM, fileno=fd)
+    conn.setblocking(False)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
 
 
 def format_address(address: tuple) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -230,6 +231,9 @@ async def _serve(settings: Settings, router: Router, job: Job | None, signals: _
         raise
     ready = Ready(os.getpid(), socks, http, credentials, settings.no_proxy, status.admin)
     status.not_ready = None
+    # What start-up built lives as long as zep: out of the collector's way, so that collections
+    # (set off by the objects each connection makes) look at the connections' objects alone.
+    gc.freeze()
     log.info("zep %s ready: relay=%s, %s", zep.__version__, relay.IMPLEMENTATION,
              connections.describe(settings, router, credentials))
     try:

@@ -12,7 +12,8 @@ from zep.accesslog import AccessRecord
 from zep.driver import Driver
 from zep.exchange import Command, Exchange
 from zep.fastpath import FastConnection
-from zep.nativepath import NativeSocks
+from zep import relay
+from zep.nativepath import EngineFront, NativeSocks
 from zep.server import Context
 
 DRIVERS = ["native", "fast", "coroutine"]
@@ -76,9 +77,10 @@ def start(driver: str, ctx: Context, sock: socket.socket, kind: str, exchange: E
         return Running(loop.create_task(coroutine.run()), coroutine.drain)
     run = FastRun()
     if driver == "native":
-        assert ctx.start_socks is not None, "the native driver needs the compiled relay"
-        native = NativeSocks(ctx, record, lambda _ctx: exchange, run)
-        task = loop.create_task(run.run(native, lambda: native.start(sock.detach(), ctx.start_socks, loop)))
+        assert ctx.start_socks is not None and relay.Verdicts is not None, "the native driver needs the compiled relay"
+        native = NativeSocks(ctx, EngineFront.of(ctx, ctx.start_socks, relay.Verdicts()), record,
+                             lambda _ctx: exchange, run)
+        task = loop.create_task(run.run(native, lambda: native.start(sock.detach(), loop)))
     else:
         fast = FastConnection(ctx, sock, record, exchange, run)
         task = loop.create_task(run.run(fast, fast.start))
