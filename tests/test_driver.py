@@ -26,7 +26,7 @@ from zep import relay
 from zep.routing import Router
 from zep.server import Context, ProxyServer
 from zep.socks_exchange import Socks5Exchange
-from tests.support.drivers import DRIVERS, read_until_closed, start
+from tests.support.drivers import LOOP_DRIVERS, read_until_closed, start
 
 SHORT = 0.3
 
@@ -52,7 +52,7 @@ def context(**timeouts: float) -> Context:
     return Context(settings, Router([], DirectDialer(), settings.connect_timeout), relay.relay, None, relay.ready, start_pair=relay.start_pair)
 
 
-@pytest.fixture(params=DRIVERS)
+@pytest.fixture(params=LOOP_DRIVERS)
 def driver(request: pytest.FixtureRequest) -> str:
     return request.param
 

@@ -286,6 +286,10 @@ cdef inline int64_t now_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+cdef inline int64_t to_ms(double seconds) noexcept nogil:
+    return max(0, <int64_t>(seconds * 1000.0 + 0.5))
+
+
 cdef void pair_free(Pair *p) noexcept nogil:
     free(p.hs)
     free(p)
@@ -626,28 +630,31 @@ cdef void on_event(Engine *e, Pair *p, int side, unsigned int events) noexcept n
         if c.getsockopt(p.fd[side], c.SOL_SOCKET, c.SO_ERROR, &err, &len) == 0 and err != 0:
             fail(e, p, side, err)
             return
+    note_readiness(p, side, events)
+    pump(e, p)
+
+
+cdef inline void note_readiness(Pair *p, int side, unsigned int events) noexcept nogil:
     if events & (c.EPOLLIN | c.EPOLLRDHUP | c.EPOLLHUP | c.EPOLLERR):
         p.rd[side] = True
     if events & (c.EPOLLRDHUP | c.EPOLLHUP | c.EPOLLERR):
         p.rdhup[side] = True
     if events & (c.EPOLLOUT | c.EPOLLHUP | c.EPOLLERR):
         p.wr[side] = True
-    pump(e, p)
 
 
-cdef void begin_pair(Engine *e, Pair *p) noexcept nogil:
-    cdef c.epoll_event ev
-    cdef int k
+cdef void activate(Engine *e, Pair *p) noexcept nogil:
+    """Onto the list of pairs the engine runs (idle scans, stop)."""
     p.act_prev = NULL
     p.act_next = e.active
     if e.active != NULL:
         e.active.act_prev = p
     e.active = p
     e.st.active += 1
-    p.last_ms = e.now_ms
-    if p.idle_ms >= 0:
-        if e.next_scan_ms < 0 or p.last_ms + p.idle_ms < e.next_scan_ms:
-            e.next_scan_ms = p.last_ms + p.idle_ms
+
+
+cdef void start_modes(Engine *e, Pair *p) noexcept nogil:
+    cdef int k
     for k in range(2):
         if p.force_copy:
             to_copy_mode(e, &p.d[k])
@@ -657,6 +664,16 @@ cdef void begin_pair(Engine *e, Pair *p) noexcept nogil:
             p.d[k].mode = SMALL
         else:
             p.d[k].mode = SPLICE
+
+
+cdef void begin_pair(Engine *e, Pair *p) noexcept nogil:
+    cdef c.epoll_event ev
+    cdef int k
+    activate(e, p)
+    p.last_ms = e.now_ms
+    if p.idle_ms >= 0:
+        schedule(e, p.last_ms + p.idle_ms)
+    start_modes(e, p)
     for k in range(2):
         ev.events = c.EPOLLIN | c.EPOLLOUT | c.EPOLLRDHUP | c.EPOLLET
         ev.data.u64 = <uint64_t><uintptr_t>p | <uint64_t>k
@@ -725,12 +742,7 @@ cdef void begin_socks(Engine *e, Pair *p) noexcept nogil:
     if flags >= 0 and not flags & O_NONBLOCK:
         fcntl(p.fd[CLIENT], F_SETFL, flags | O_NONBLOCK)
     c.setsockopt(p.fd[CLIENT], c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one))  # not a TCP socket: no matter
-    p.act_prev = NULL
-    p.act_next = e.active
-    if e.active != NULL:
-        e.active.act_prev = p
-    e.active = p
-    e.st.active += 1
+    activate(e, p)
     e.st.socks_native += 1
     p.deadline_ms = e.now_ms + p.hs.timeout_ms
     schedule(e, p.deadline_ms)
@@ -743,12 +755,7 @@ cdef void begin_socks(Engine *e, Pair *p) noexcept nogil:
 cdef void on_handshake_event(Engine *e, Pair *p, int side, unsigned int events) noexcept nogil:
     """Readiness is recorded in every phase (the relay starts from it); the client is read only
     while its handshake is, the upstream looked at only while it connects."""
-    if events & (c.EPOLLIN | c.EPOLLRDHUP | c.EPOLLHUP | c.EPOLLERR):
-        p.rd[side] = True
-    if events & (c.EPOLLRDHUP | c.EPOLLHUP | c.EPOLLERR):
-        p.rdhup[side] = True
-    if events & (c.EPOLLOUT | c.EPOLLHUP | c.EPOLLERR):
-        p.wr[side] = True
+    note_readiness(p, side, events)
     if p.phase == PH_SOCKS and side == CLIENT:
         socks_read(e, p)
     elif p.phase == PH_CONNECT and side == UPSTREAM and events & (c.EPOLLOUT | c.EPOLLHUP | c.EPOLLERR):
@@ -1051,12 +1058,20 @@ cdef void connected(Engine *e, Pair *p) noexcept nogil:
     p.last_ms = e.now_ms
     if p.idle_ms >= 0:
         schedule(e, p.last_ms + p.idle_ms)
-    for k in range(2):
-        if p.force_copy:
-            to_copy_mode(e, &p.d[k])
-        else:
-            p.d[k].mode = SMALL
+    start_modes(e, p)
     pump(e, p)
+
+
+cdef inline bint still_pending(Pair *p) noexcept nogil:
+    """Under the mutex: give back the reference a queued cancel or decision held; whether the pair
+    still needs it. A pair already posted is finished: nothing to do, and it may be freed the
+    moment the mutex is released (here, if this was the last reference). A pair not yet posted
+    stays alive: only the engine thread posts."""
+    p.refs -= 1
+    if p.refs == 0:
+        pair_free(p)
+        return False
+    return not p.posted
 
 
 cdef bint take_commands(Engine *e, uint64_t *stats_asked) noexcept nogil:
@@ -1075,13 +1090,9 @@ cdef bint take_commands(Engine *e, uint64_t *stats_asked) noexcept nogil:
     e.sq_head = e.sq_tail = NULL
     dq = e.dq_head
     e.dq_head = NULL
-    # Each queued decision holds a reference too; one on a pair already posted has nothing to do.
     while dq != NULL:
         nxt = dq.dq_next
-        dq.refs -= 1
-        if dq.refs == 0:
-            pair_free(dq)
-        elif not dq.posted:
+        if still_pending(dq):
             dq.dq_next = decided
             decided = dq
         dq = nxt
@@ -1089,16 +1100,10 @@ cdef bint take_commands(Engine *e, uint64_t *stats_asked) noexcept nogil:
     e.cancel_head = NULL
     stop = e.stop
     stats_asked[0] = e.stats_asked
-    # Each queued cancel holds a reference, given back here. A pair already posted is finished:
-    # nothing to do, and it may be freed the moment the mutex is released (here, if ours was the
-    # last reference). A pair not yet posted stays alive: only this thread posts.
     while p != NULL:
         nxt = p.cancel_next
         p.cancel_queued = False
-        p.refs -= 1
-        if p.refs == 0:
-            pair_free(p)
-        elif not p.posted:
+        if still_pending(p):
             p.kill_next = kill
             kill = p
         p = nxt
@@ -1417,7 +1422,6 @@ cdef class _Engine:
         the completion finds it."""
         cdef Pair *p
         cdef int k
-        cdef bint wake
         cdef bytes early
         if not self.running:
             raise RelayUnavailable("the relay engine is stopped")
@@ -1439,16 +1443,22 @@ cdef class _Engine:
                     raise MemoryError()
                 memcpy(p.d[k].early, <char *>early, len(early))
                 p.d[k].early_len = len(early)
-        p.idle_ms = -1 if idle_timeout is None else max(0, <int64_t>(float(idle_timeout) * 1000.0 + 0.5))
+        self._enqueue(w, p, idle_timeout)
+
+    cdef _enqueue(self, _Waiter w, Pair *p, object idle_timeout):
+        """The settings every pair has, its waiter registered first (whichever loop drains the
+        completion finds it), then onto the submit queue."""
+        cdef bint wake
+        p.idle_ms = -1 if idle_timeout is None else to_ms(float(idle_timeout))
         p.force_copy = not _splice_enabled
         p.refs = 2                # the engine's and ours
         w.ptr = <uintptr_t>p
         self.waiting[w.ptr] = w
         with nogil:
             c.pthread_mutex_lock(&self.e.mu)
-            # Only the first pair of a batch wakes the engine: it reads the eventfd before it
-            # takes the queue, so later ones ride along.
-            wake = self.e.sq_head == NULL
+            # Only the first command of a batch wakes the engine: it reads the eventfd before it
+            # takes the queues, so later ones ride along.
+            wake = self.e.sq_head == NULL and self.e.dq_head == NULL
             if self.e.sq_tail != NULL:
                 self.e.sq_tail.sq_next = p
             else:
@@ -1479,7 +1489,6 @@ cdef class _Engine:
         """Queue a client for a native SOCKS5 handshake (see start_socks)."""
         cdef Pair *p
         cdef Socks *s
-        cdef bint wake
         if not self.running:
             raise RelayUnavailable("the relay engine is stopped")
         if len(user) > 255 or len(password) > 255:
@@ -1499,31 +1508,15 @@ cdef class _Engine:
         p.fd[UPSTREAM] = -1
         p.stream[CLIENT] = True
         p.d[0].pipe.r = p.d[0].pipe.w = p.d[1].pipe.r = p.d[1].pipe.w = -1
-        p.idle_ms = -1 if idle_timeout is None else max(0, <int64_t>(float(idle_timeout) * 1000.0 + 0.5))
-        p.force_copy = not _splice_enabled
-        p.refs = 2
         s.login = login
         s.user_len = len(user)
         memcpy(s.user, <char *>user, s.user_len)
         s.password_len = len(password)
         memcpy(s.password, <char *>password, s.password_len)
-        s.timeout_ms = max(0, <int64_t>(timeout * 1000.0 + 0.5))
-        s.connect_ms = max(0, <int64_t>(connect_timeout * 1000.0 + 0.5))
+        s.timeout_ms = to_ms(timeout)
+        s.connect_ms = to_ms(connect_timeout)
         s.client_fd = -1
-        w.ptr = <uintptr_t>p
-        self.waiting[w.ptr] = w
-        with nogil:
-            c.pthread_mutex_lock(&self.e.mu)
-            wake = self.e.sq_head == NULL and self.e.dq_head == NULL
-            if self.e.sq_tail != NULL:
-                self.e.sq_tail.sq_next = p
-            else:
-                self.e.sq_head = p
-            self.e.sq_tail = p
-            self.e.st.submitted += 1
-            c.pthread_mutex_unlock(&self.e.mu)
-        if wake:
-            self._signal()
+        self._enqueue(w, p, idle_timeout)
 
     cdef void decide(self, uintptr_t ptr, bint connect, int family, bytes address, int port,
                      int scope_id, bint remember) noexcept:

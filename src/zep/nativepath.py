@@ -2,8 +2,10 @@
 
 The engine (`zep._relay.start_socks`) reads the greeting, the user/password login and a CONNECT
 to an IP literal, and asks `NativeSocks` where to go; for a direct route that the egress policy
-allows it connects, replies and relays on its own thread, so the whole connection costs Python a
-call at accept, one for the route and one for the access entry. Everything else is given back:
+allows it connects, replies and relays on its own thread, and remembers the destination (`Verdicts`,
+one table per router), so that the next request for it is dialed without asking. A connection
+costs Python a call at accept, one for the route (the first time only) and one for the access
+entry. Everything else is given back:
 the client's socket returns with every byte it sent and every byte it was sent, a fresh exchange
 replays them (zep.replay) and a `FastConnection` carries on from there as if it had had the
 connection from the start. So the protocol and its answers exist once, in Python; the engine

@@ -16,7 +16,8 @@ from zep import relay
 from zep.nativepath import EngineFront, NativeSocks
 from zep.server import Context
 
-DRIVERS = ["native", "fast", "coroutine"]
+LOOP_DRIVERS = ["fast", "coroutine"]  # the drivers of every protocol
+DRIVERS = ["native", *LOOP_DRIVERS]  # "native": the engine's SOCKS5 handshake
 
 
 class FastRun:
