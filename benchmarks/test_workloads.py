@@ -268,3 +268,20 @@ def test_report_renders(tmp_path: Path) -> None:
     assert "zep (cython)" in text and "microsocks" in text and "not installed" in text
     assert (tmp_path / "r.png").stat().st_size > 0
 
+
+
+def test_two_worker_target_is_two_cores_of_cpu_against_one_pinned_worker() -> None:
+    """The 2-worker target: two cores' worth of proxy CPU at the CPU per connection two workers
+    spent (all CPUs shared), against what one worker did with a core to itself."""
+    from benchmarks import report
+
+    def rate(systems: dict[str, dict]) -> dict:
+        return {"systems": {name: {"metrics": metrics} for name, metrics in systems.items()}}
+
+    workloads = {
+        "4-connection-rate": rate({report.CYTHON_2: {"conn_per_s": 9000.0, "cpu_us_per_conn": 200.0}}),
+        "4-connection-rate-pinned": rate({report.CYTHON: {"conn_per_s": 5000.0, "cpu_us_per_conn": 190.0}}),
+    }
+    target, = [t for t in report.targets(workloads) if t.text.startswith("2 workers")]
+    assert target.value == pytest.approx(2e6 / 200.0 / 5000.0) and target.status == "met"
+    assert "10,000 (2 s / 200 us) vs 5,000 conn/s" == target.figures

@@ -47,8 +47,15 @@ class ZepProcess:
             return self.final_log
         return self.log_path.read_text(errors="replace")
 
+    def log_lines(self) -> list[str]:
+        """The lines written so far, whole: a line zep is still writing is not one yet."""
+        text = self.log_text()
+        if self.final_log is None:
+            text = text[:text.rfind("\n") + 1]
+        return text.splitlines()
+
     def access_lines(self) -> list[str]:
-        return [line for line in self.log_text().splitlines() if " zep.access: " in line]
+        return [line for line in self.log_lines() if " zep.access: " in line]
 
     def wait_for_log(self, needle: str, timeout: float = 10.0) -> str:
         """Wait until a log line contains `needle` (access lines are written when a connection ends)."""
@@ -58,7 +65,7 @@ class ZepProcess:
         """Taken right after connecting: the port of `sock` may have served an earlier connection
         of a long-running zep, so `wait_for_client` skips the lines it had then."""
         client = f"client=127.0.0.1:{sock.getsockname()[1]} "
-        return client, sum(client in line for line in self.log_text().splitlines())
+        return client, sum(client in line for line in self.log_lines())
 
     def wait_for_client(self, mark: tuple[str, int], timeout: float = 10.0) -> str:
         """The access line of the connection `mark` was taken for."""
@@ -69,7 +76,7 @@ class ZepProcess:
         """Wait until `count` log lines contain `needle`; returns them in order."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            lines = [line for line in self.log_text().splitlines() if needle in line]
+            lines = [line for line in self.log_lines() if needle in line]
             if len(lines) >= count:
                 return lines
             time.sleep(0.02)
