@@ -41,10 +41,15 @@ CATEGORIES = [
 ]
 
 
-def user_sys(pid: int) -> tuple[float, float]:
-    with open(f"/proc/{pid}/stat") as f:
+def user_sys(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """Seconds of user and system CPU of a process (or of one of its threads)."""
+    with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def threads(pid: int) -> dict[int, tuple[float, float]]:
+    return {int(tid): user_sys(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
 
 
 def categorize(raw: Path) -> list[tuple[str, float]]:
@@ -93,12 +98,18 @@ def main() -> int:
                 return out, units
 
             zepload.run(*command[:3], *([16, 0.5, 100] if args.workload == "connrate" else command[3:]))
-            (u0, s0) = user_sys(pid)
+            (u0, s0), t0 = user_sys(pid), threads(pid)
             out, units = run()
-            (u1, s1) = user_sys(pid)
+            (u1, s1), t1 = user_sys(pid), threads(pid)
             per = {"connrate": "connection", "pingpong": "round trip", "bulk": "GiB"}[args.workload]
             print(f"zep ({args.relay}) {args.workload}: zepload says {' '.join(out)}")
             print(f"  proxy CPU per {per}: user {(u1 - u0) / units * 1e6:,.0f} us, system {(s1 - s0) / units * 1e6:,.0f} us")
+            # The main thread is the event loop (its id is the pid); the others: the relay engine's, the SDK's
+            for tid, (tu1, ts1) in sorted(t1.items()):
+                tu0, ts0 = t0.get(tid, (0.0, 0.0))
+                if (tu1 - tu0) + (ts1 - ts0) > 0:
+                    name = "event loop" if tid == pid else f"thread {tid}"
+                    print(f"    {name}: user {(tu1 - tu0) / units * 1e6:,.0f} us, system {(ts1 - ts0) / units * 1e6:,.0f} us")
             if shutil.which("strace"):
                 log = Path(tmp, "strace.txt")
                 tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", str(log)],
