@@ -269,6 +269,23 @@ def test_relay_engine_figures(zep_admin: ZepProcess, relay_impl: str) -> None:
     assert ("zep_relay_mode_switches_total", (("to", "copy"),)) in samples
 
 
+def test_the_engines_socks5_handshakes_are_counted(zep_admin: ZepProcess, relay_impl: str, http_a: Upstream) -> None:
+    """An IP literal: the engine's tunnel; a name: given back to Python. Both handshakes count
+    (with the Python relay there is no engine, and no such series)."""
+    names = ("zep_relay_socks_handshakes_total", "zep_relay_socks_tunnels_total", "zep_relay_socks_given_back_total")
+    before, lines = scrape(zep_admin), len(zep_admin.access_lines())
+    if relay_impl == "python":
+        assert not [name for name, _ in before if name in names]
+        return
+    for proxy in ("socks5", "socks5h"):
+        result = curl("-o", "/dev/null", "-w", "%{http_code}", "-x", f"{proxy}://127.0.0.1:{zep_admin.socks_port}",
+                      f"http://localhost:{http_a.port}/whoami")
+        assert result.stdout == b"200", result.stderr
+    wait_for_access_lines(zep_admin, lines + 2)
+    after = scrape(zep_admin)
+    assert [grown(before, after, name) for name in names] == [2, 1, 1]
+
+
 def test_no_label_names_a_destination_or_a_user(zep_admin: ZepProcess, http_a: Upstream) -> None:
     curl("-x", f"socks5h://127.0.0.1:{zep_admin.socks_port}", "http://localhost.invalid/")
     zep_admin.wait_for_log("target=localhost.invalid:80 ")

@@ -85,6 +85,8 @@ def test_start_up_log_names_each_identity(zep_deny: ZepProcess, identities: Path
     for name in ("team-a.json", "team-b.json"):
         assert f"ziti identity loaded: {identities / name} (controller https://controller.standin.test:1280)" in log
     assert "ziti ready: 2 identities" in log
+    # Every destination is offered to the identities first: no handshake for the relay engine.
+    assert "socks5 handshakes: in Python: every destination is offered to the Ziti identities first" in log
     key_line = credentials()[0].splitlines()[1]  # a line of the private key's base64
     assert key_line not in log
 
