@@ -92,12 +92,19 @@ def wait_until(condition: Callable[[], bool], timeout: float, failure: Callable[
         time.sleep(0.05)
 
 
-def test_running_out_of_fds_pauses_accepts_once_and_recovers(relay_impl: str, echo: TCPUpstream,
+def test_running_out_of_fds_neither_spins_nor_stops(relay_impl: str, driver: str, echo: TCPUpstream,
                                                               http_a: Upstream) -> None:
-    with start_zep("--direct", "--maxconn", "1000", relay=relay_impl,
+    """Out of fds, zep neither spins nor stops: with the handshake in Python, accept runs out first
+    (the backlog is taken before any dial) and pauses; with the handshake in the relay engine, the
+    engine dials a remembered destination while accepts go on, so its connects may run out first
+    and those clients get their dial failure at once. Either way every client is answered and zep
+    serves again once the clients have gone."""
+    exhausted = "pausing accepts" if driver != "native" else ("pausing accepts", "Too many open files")
+    with start_zep("--direct", "--maxconn", "1000", relay=relay_impl, driver=driver,
                    preexec_fn=open_files_limit(128, 128)) as zp:
         with many_tunnels(zp.socks_port, echo.port, EXHAUSTION_CLIENTS):
-            zp.wait_for_log("pausing accepts", timeout=SETTLE_TIMEOUT)
+            wait_until(lambda: any(needle in zp.log_text() for needle in exhausted), SETTLE_TIMEOUT,
+                       lambda: f"fds never ran out:\n{zp.log_text()}")
             before = cpu_seconds(zp)
             started = time.monotonic()
             time.sleep(1.0)  # a measuring interval, not a synchronization: a spinning loop burns it all
@@ -110,7 +117,9 @@ def test_running_out_of_fds_pauses_accepts_once_and_recovers(relay_impl: str, ec
         result = curl("-x", f"socks5h://127.0.0.1:{zp.socks_port}", f"http://{http_a.authority}/whoami")
         assert result.returncode == 0, result
         assert json.loads(result.stdout)["server"] == "a"
-        zp.wait_for_log("accepting again")
         log = zp.log_text()
-        assert log.count("pausing accepts") == 1, log
+        pauses = log.count("pausing accepts")
+        if driver != "native" or pauses:
+            zp.wait_for_log("accepting again")
+        assert pauses == 1 if driver != "native" else pauses <= 1, log
         assert "Traceback" not in log

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Protocol
 from zep.accesslog import AccessRecord
 from zep.auth import Credentials
 from zep.dial import DialError, DirectDialer, connect_failed, connect_timed_out
-from zep.driver import describe, replace_report, tunnel_outcome
+from zep.driver import describe, tunnel_outcome
 from zep.exchange import HTTP_REQUEST, TUNNEL, ClientEof, ClientError, Command, Dial, DialFailed, Event, Exchange, \
-    Report, TimerFired, authority
+    TimerFired, authority
 from zep.fastpath import FastConnection, Registry
 from zep.outcome import Outcome
 from zep.relay_result import PairHandle, RelayResult
@@ -214,15 +214,13 @@ class NativeSocks:
         try:
             if self._dialed_unasked():
                 self._logged_in()
-            if self._asked_to_connect:
+            if self._asked_to_connect:  # the entry Socks5Exchange reports for its tunnel
                 credentials = self.ctx.credentials
-                report = Report(Outcome.OK, authority(self._host, self._port), ROUTE,
-                                credentials.username if credentials is not None else "-")
-                report = replace_report(report, tunnel_outcome(ROUTE, result), result.error)
+                record.target, record.route = authority(self._host, self._port), ROUTE
+                record.user = credentials.username if credentials is not None else "-"
+                record.outcome, record.detail = tunnel_outcome(ROUTE, result), result.error
             else:  # the engine stopped during the handshake (zep stops)
-                report = Report(Outcome.CANCELLED, detail="zep stopped")
-            record.target, record.route, record.user = report.target, report.route, report.user
-            record.outcome, record.detail = report.outcome, report.detail
+                record.outcome, record.detail = Outcome.CANCELLED, "zep stopped"
             record.emit()
         except Exception:  # an observer failed: not the relay's business, whose callback this is
             log.exception("logging the tunnel of %s failed", record.client)
