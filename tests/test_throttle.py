@@ -189,7 +189,7 @@ def test_other_outcomes_are_never_folded() -> None:
     entry = auth_failed("10.0.0.1:1")
     assert digest.fold(entry)
     for outcome in (Outcome.OK, Outcome.BAD_REQUEST, Outcome.DENIED):
-        assert not any(digest.fold(AccessEntry(**{**entry.__dict__, "outcome": outcome})) for _ in range(3))
+        assert not any(digest.fold(entry._replace(outcome=outcome)) for _ in range(3))
 
 
 def test_flush_writes_every_pending_aggregate_and_memory_is_bounded() -> None:

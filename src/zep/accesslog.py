@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from zep.dial import Failure
 from zep.outcome import Outcome
@@ -29,10 +30,15 @@ LineFold = Callable[["AccessEntry"], bool]
 _observers: list[Observer] = []
 _fold: LineFold | None = None
 _json_lines = False
+# Writes one finished access line where zep's log goes (see configure); None: through `logging`.
+LineWriter = Callable[[str], None]
+_writer: LineWriter | None = None
 
 
-@dataclass(frozen=True)
-class AccessEntry:
+class AccessEntry(NamedTuple):
+    """Immutable; a named tuple rather than a frozen dataclass, which takes three times as long to
+    make (one entry per exchange)."""
+
     client: str  # "127.0.0.1:51234"
     proto: str  # the listener: "socks5" or "http"
     target: str  # "host:port" for a tunnel, "http://host:port" for a forwarded request, "-" if none
@@ -84,9 +90,11 @@ def unsubscribe(observer: Observer) -> None:
     _observers.remove(observer)
 
 
-def configure(*, json_lines: bool) -> None:
-    global _json_lines
-    _json_lines = json_lines
+def configure(*, json_lines: bool, writer: LineWriter | None = None) -> None:
+    """`writer`: the one place access lines go, instead of a logging record each (zep's own
+    command line sets it up: it owns the log's handler and its format)."""
+    global _json_lines, _writer
+    _json_lines, _writer = json_lines, writer
 
 
 def fold_lines(fold: LineFold | None) -> None:
@@ -105,11 +113,16 @@ def emit(entry: AccessEntry) -> None:
 def write(entry: AccessEntry) -> None:
     """The log line alone: for aggregated entries, whose exchanges the observers have seen.
 
-    It goes to the handlers in one call, a record made here: Logger.info's caller lookup and the
-    rest of its work per record cost more than the line itself (one per connection)."""
+    It goes to the writer zep's command line set up (see configure), else to the handlers in one
+    call, a record made here: Logger.info's caller lookup and the rest of its work per record
+    cost more than the line itself (one per connection)."""
     if access_logger.isEnabledFor(logging.INFO):
         line = format_json(entry) if _json_lines else format_logfmt(entry)
-        access_logger.handle(access_logger.makeRecord(access_logger.name, logging.INFO, __file__, 0, line, None, None))
+        if _writer is not None:
+            _writer(line)
+        else:
+            access_logger.handle(access_logger.makeRecord(access_logger.name, logging.INFO, __file__, 0, line, None,
+                                                          None))
 
 
 def format_logfmt(entry: AccessEntry) -> str:

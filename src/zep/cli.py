@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import zep
 from zep import readyfile
@@ -342,34 +342,59 @@ def configure_logging(level: str, log_format: str = "logfmt", worker: str | None
     from zep import accesslog
 
     handler = logging.StreamHandler(sys.stderr)
+    formatter: TextFormatter | JSONFormatter
     if log_format == "json":
         # One JSON object per line for log shippers: access entries with their own fields, the
         # rest with time, level, logger and message.
-        handler.setFormatter(JSONFormatter(worker))
-        accesslog.configure(json_lines=True)
+        formatter = JSONFormatter(worker)
     else:
-        tag = f"worker={worker} " if worker else ""
-        handler.setFormatter(TextFormatter(f"%(asctime)s %(levelname)s %(name)s: {tag}%(message)s"))
+        formatter = TextFormatter(f"worker={worker} " if worker else "")
+    handler.setFormatter(formatter)
+    accesslog.configure(json_lines=log_format == "json", writer=access_writer(handler, formatter.access_line))
     logging.basicConfig(level=level.upper(), handlers=[handler])
     # No formatter of zep's prints a record's thread or process: not looking them up saves time on
     # every record (an access line per connection).
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
-class TextFormatter(logging.Formatter):
-    """logging.Formatter with the time of day formatted once a second, not once a line (an access
-    line per connection: strftime was a measurable part of each)."""
+def access_writer(handler: logging.StreamHandler, render: Callable[[str], str]) -> Callable[[str], None]:
+    """Access lines straight to zep's log handler, as its formatter prints an INFO record of
+    `zep.access`, without making the record (one per connection: the record and the handler's
+    formatting cost more than the line)."""
+    def write(line: str) -> None:
+        text = render(line) + handler.terminator
+        with handler.lock:
+            try:
+                handler.stream.write(text)
+                handler.stream.flush()
+            except (OSError, ValueError):  # the log is gone (a closed pipe): serving goes on, as with logging
+                pass
+    return write
 
-    def __init__(self, fmt: str) -> None:
-        super().__init__(fmt)
+
+class TextFormatter(logging.Formatter):
+    """zep's log line: time, level, logger, the worker's tag, the message; the time of day
+    formatted once a second, not once a line (strftime was a measurable part of each)."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__(f"%(asctime)s %(levelname)s %(name)s: {tag}%(message)s")
+        self._tag = tag
         self._second = -1
         self._stamp = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
+        return self._time_of_day(record.created, record.msecs)
+
+    def access_line(self, line: str) -> str:
+        """What format() gives for an INFO record of `zep.access` with this message, made now."""
+        created = time.time()
+        return f"{self._time_of_day(created, int((created - int(created)) * 1000))} INFO zep.access: {self._tag}{line}"
+
+    def _time_of_day(self, created: float, msecs: float) -> str:
+        second = int(created)
         if second != self._second:
             self._second, self._stamp = second, time.strftime(self.default_time_format, self.converter(second))
-        return self.default_msec_format % (self._stamp, record.msecs)
+        return self.default_msec_format % (self._stamp, msecs)
 
 
 class JSONFormatter(logging.Formatter):
@@ -379,11 +404,15 @@ class JSONFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         if record.name == "zep.access":
-            if self.worker:  # the message is the entry's JSON object
-                return json.dumps({**self.worker, **json.loads(record.getMessage())}, separators=(",", ":"))
-            return record.getMessage()
+            return self.access_line(record.getMessage())
         fields = {**self.worker, "time": self.formatTime(record), "level": record.levelname, "logger": record.name,
                   "message": record.getMessage()}
         if record.exc_info:
             fields["error"] = self.formatException(record.exc_info)
         return json.dumps(fields)
+
+    def access_line(self, line: str) -> str:
+        """An access entry's JSON object (the message), with the worker's field first."""
+        if self.worker:
+            return json.dumps({**self.worker, **json.loads(line)}, separators=(",", ":"))
+        return line

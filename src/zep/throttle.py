@@ -12,7 +12,6 @@ Both remember a bounded number of sources, least recently seen forgotten first.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -150,8 +149,8 @@ class FailedLoginDigest:
     def _close(self, source: str) -> None:
         window = self._windows.pop(source, None)
         if window is not None and window.last is not None:
-            self._ready.append(dataclasses.replace(
-                window.last, count=window.folded,
+            self._ready.append(window.last._replace(
+                count=window.folded,
                 detail=f"{window.folded} failed logins from {source} within {self.interval:g} s, each "
                        f"answered late; the last: {window.last.detail}"))
 
