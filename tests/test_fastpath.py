@@ -446,7 +446,7 @@ def test_a_destination_routed_direct_once_is_dialed_again_without_asking():
 
     async def main(targets: list[tuple[str, int]]) -> list[tuple[Seen, int]]:
         ctx = context(EgressPolicy.parse(["deny 127.0.0.3/32"]))
-        front = EngineFront.of(ctx, relay.start_socks, relay.Verdicts())
+        front = EngineFront.of(ctx, relay.Verdicts())
         seen = []
         for host, port in targets:
             before = relay.stats()["socks_remembered"]

@@ -1021,8 +1021,6 @@ cdef void connected(Engine *e, Pair *p) noexcept nogil:
     cdef unsigned char reply[22]
     cdef int n
     cdef ssize_t sent
-    cdef c.epoll_event ev
-    cdef int k
     p.dial_ns = now_ns() - s.dial_started_ns
     memset(reply, 0, sizeof(reply))
     reply[0] = 5

@@ -149,7 +149,7 @@ class FastConnection:
         if then is None:
             self._readable()
         else:
-            self._eof = type(then) is not TimerFired
+            self._eof = type(then) is not TimerFired  # an EOF or an error ended the client's side
             self._handle(then)
 
     def drain(self) -> None:

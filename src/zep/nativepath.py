@@ -65,14 +65,14 @@ class NativeRegistry(Registry, Protocol):
         ...
 
 
-def why_not_native(ctx: Context, start_socks: Callable[..., PairHandle] | None) -> str | None:
+def why_not_native(ctx: Context) -> str | None:
     """None when SOCKS5 handshakes can run in the engine, else why they run in Python."""
     settings = ctx.settings
     if not settings.fast_path:
         return "the fast path is off (ZEP_FAST_PATH)"
     if not settings.native_socks:
         return "ZEP_NATIVE_SOCKS is off"
-    if start_socks is None:
+    if ctx.start_socks is None:
         return "the compiled relay is not in use"
     if ctx.router.dialers:
         return "every destination is offered to the Ziti identities first"
@@ -103,9 +103,11 @@ class EngineFront:
     idle_timeout: float
 
     @classmethod
-    def of(cls, ctx: Context, start_socks: Callable[..., PairHandle], verdicts: object) -> EngineFront:
+    def of(cls, ctx: Context, verdicts: object) -> EngineFront:
+        """For a context why_not_native() accepts."""
         credentials = ctx.credentials
-        return cls(start_socks, verdicts,
+        assert ctx.start_socks is not None
+        return cls(ctx.start_socks, verdicts,
                    None if credentials is None else (utf8(credentials.username), utf8(credentials.password)),
                    ctx.timeouts[HTTP_REQUEST], ctx.router.connect_timeout, ctx.timeouts[TUNNEL])
 

@@ -119,16 +119,17 @@ class ProxyServer:
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_all, listener)
         log.info("listening: %s on %s", proto, format_address(listener.address))
         if proto == "socks5" and driver is Driver:
-            why = why_not_native(self.ctx, self.ctx.start_socks)
+            why = why_not_native(self.ctx)
             if why is None:
-                assert self.ctx.start_socks is not None and relay_choice.Verdicts is not None
-                listener.engine = EngineFront.of(self.ctx, self.ctx.start_socks, relay_choice.Verdicts())
+                assert relay_choice.Verdicts is not None  # the compiled relay has both
+                listener.engine = EngineFront.of(self.ctx, relay_choice.Verdicts())
             log.info("socks5 handshakes: %s", "in the relay engine" if why is None else f"in Python: {why}")
         return listener
 
     def _accept_all(self, listener: Listener) -> None:
-        # Fast connections start once the backlog is taken, as tasks do: what runs out first when
-        # descriptors run out is accept (which pauses), not the dials of the ones accepted.
+        # Connections start once the backlog is taken, as tasks do: on the Python paths what runs
+        # out first when descriptors run out is accept (which pauses), not the dials of the ones
+        # accepted. (The engine dials a destination it remembers on its own thread meanwhile.)
         accepted: list[Callable[[], None]] = []
         try:
             self._accept_backlog(listener, accepted)
@@ -172,7 +173,7 @@ class ProxyServer:
                 continue
             conn = client_socket(family, fd)
             if self.ctx.settings.fast_path and listener.driver is Driver:
-                fast = FastConnection(self.ctx, conn, record, listener.exchange(self.ctx), self)
+                fast = self._fast_connection(listener, conn, record)
                 self._fast.add(fast)
                 accepted.append(fast.start)
             else:
@@ -206,10 +207,12 @@ class ProxyServer:
         try:
             native.start(fd, loop)
         except RelayUnavailable:  # the engine is not running: the fast path tells the client, as without it
-            fast = FastConnection(self.ctx, client_socket(listener.sock.family, fd), native.record,
-                                  listener.exchange(self.ctx), self)
+            fast = self._fast_connection(listener, client_socket(listener.sock.family, fd), native.record)
             self.replaced(native, fast)
             fast.start()
+
+    def _fast_connection(self, listener: Listener, conn: socket.socket, record: AccessRecord) -> FastConnection:
+        return FastConnection(self.ctx, conn, record, listener.exchange(self.ctx), self)
 
     def _closed_one(self) -> None:
         if self._all_closed is not None and not self.open_connections and not self._all_closed.done():

@@ -79,7 +79,7 @@ def start(driver: str, ctx: Context, sock: socket.socket, kind: str, exchange: E
     run = FastRun()
     if driver == "native":
         assert ctx.start_socks is not None and relay.Verdicts is not None, "the native driver needs the compiled relay"
-        native = NativeSocks(ctx, EngineFront.of(ctx, ctx.start_socks, relay.Verdicts()), record,
+        native = NativeSocks(ctx, EngineFront.of(ctx, relay.Verdicts()), record,
                              lambda _ctx: exchange, run)
         task = loop.create_task(run.run(native, lambda: native.start(sock.detach(), loop)))
     else:
